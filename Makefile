@@ -1,0 +1,43 @@
+# The README's two commands: `make demo` and `make test`. Both create .venv from the pinned set
+# (requirements.lock) on first use, with nothing installed but Python 3.11+.
+PYTHON ?= python3
+VENV := .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.installed
+
+.PHONY: demo test test-fast lint format lock clean
+
+demo: $(STAMP)
+	$(VENV)/bin/resnet-selfcheck
+
+test: $(STAMP)
+	$(PY) -m ruff check .
+	$(PY) -m pytest
+
+test-fast: $(STAMP)
+	$(PY) -m pytest -m "not slow"
+
+lint: $(STAMP)
+	$(PY) -m ruff check .
+	$(PY) -m ruff format --check .
+
+format: $(STAMP)
+	$(PY) -m ruff check --fix .
+	$(PY) -m ruff format .
+
+$(STAMP): requirements.lock pyproject.toml
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --quiet --disable-pip-version-check -r requirements.lock
+	$(PY) -m pip install --quiet --disable-pip-version-check --no-deps --no-build-isolation -e .
+	touch $(STAMP)
+
+# Re-resolve the pinned set from pyproject.toml (needs network); review the diff before committing.
+lock:
+	rm -rf .lock-venv && $(PYTHON) -m venv .lock-venv
+	.lock-venv/bin/pip install --quiet ".[dev]"
+	{ sed -n '1,3p' requirements.lock; .lock-venv/bin/pip freeze --exclude resnet-ray; \
+	  .lock-venv/bin/pip list --format=freeze | grep '^setuptools=='; } > requirements.lock.new
+	mv requirements.lock.new requirements.lock && rm -rf .lock-venv
+
+clean:
+	rm -rf $(VENV) .pytest_cache .ruff_cache *.egg-info
