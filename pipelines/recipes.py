@@ -1,0 +1,146 @@
+"""Training recipes as code: each is a function returning a :class:`JobConfig`.
+
+- ``demo``: a small CIFAR-style ResNet on the synthetic shards; the embedded default.
+- ``cifar-paper``: He et al. §4.2 — batch 128, SGD momentum 0.9, weight decay 1e-4, lr 0.1 divided
+  by 10 at 32k and 48k iterations, stop at 64k; option-A shortcuts; ResNet-110 warms up at 0.01
+  until the training error is below 80%.
+- ``cifar-tutorial``: the widely copied CIFAR-10 tutorial recipe, for comparison with the paper's:
+  150 epochs, batch 128, lr 0.1 then 0.01 for the last 50 epochs, weight decay 5e-4, random crop,
+  scale, rotation and flip.
+- ``imagenet-paper``: He et al. §3.4 — batch 256, lr 0.1 divided by 10 when the validation error
+  plateaus, momentum 0.9, weight decay 1e-4, no dropout, scale augmentation [256, 480] + colour
+  augmentation, per-pixel mean; up to 60e4 iterations (120 epochs).
+- ``imagenet-fast``: a modern ResNet-50 recipe — v1.5 bottlenecks, zero-init residual BN,
+  Inception crop, label smoothing 0.1, cosine schedule with 5 warm-up epochs, lr 0.1 per 256 images
+  scaled linearly with the global batch (Goyal et al. 2017), bf16 on GPU, no decay on BN/bias.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import replace
+
+from pipelines.config import (
+    DataConfig,
+    JobConfig,
+    ModelConfig,
+    OptimConfig,
+    ScaleConfig,
+    ScheduleConfig,
+    TrainConfig,
+)
+
+CIFAR_ITERATIONS = 64_000  # §4.2: "terminate training at 64k iterations"
+
+
+def demo(model: str = "resnet8") -> JobConfig:
+    """A few CPU minutes on the synthetic CIFAR-like shards; accuracy far above chance."""
+    return JobConfig(
+        recipe="demo",
+        model=ModelConfig(name=model),
+        data=DataConfig(uri="data/synthetic-cifar", augment="cifar", image_size=32, eval_resize=32),
+        optim=OptimConfig(lr=0.1, weight_decay=5e-4),
+        schedule=ScheduleConfig(kind="cosine", warmup_epochs=0.5),
+        train=TrainConfig(global_batch=128, epochs=4, log_every_steps=10),
+        scale=ScaleConfig(num_workers=2, cpus_per_worker=1.0, max_failures=3),
+    )
+
+
+def cifar_paper(model: str = "resnet20") -> JobConfig:
+    """Paper §4.2 on CIFAR-10 (prepare with ``--val-size 5000`` for the 45k/5k split)."""
+    hold = {"hold_lr": 0.01, "hold_until_train_error": 0.8} if model == "resnet110" else {}
+    return JobConfig(
+        recipe="cifar-paper",
+        model=ModelConfig(name=model, shortcut="A"),
+        data=DataConfig(uri="data/cifar10", augment="cifar", image_size=32, eval_resize=32),
+        optim=OptimConfig(lr=0.1, momentum=0.9, weight_decay=1e-4),
+        schedule=ScheduleConfig(kind="multistep", milestones=(32_000, 48_000), **hold),
+        train=TrainConfig(global_batch=128, epochs=200, max_steps=CIFAR_ITERATIONS),
+        scale=ScaleConfig(num_workers=1),
+    )
+
+
+def cifar_tutorial(model: str = "resnet20") -> JobConfig:
+    """The popular tutorial recipe: 150 epochs, lr 0.1 → 0.01 at epoch 100, wd 5e-4."""
+    return JobConfig(
+        recipe="cifar-tutorial",
+        model=ModelConfig(name=model, shortcut="A"),
+        data=DataConfig(
+            uri="data/cifar10",
+            augment="cifar_tutorial",
+            image_size=32,
+            eval_resize=32,
+            mean="per_channel",
+            normalize_std=True,
+        ),
+        optim=OptimConfig(lr=0.1, momentum=0.9, weight_decay=5e-4),
+        schedule=ScheduleConfig(kind="multistep", milestone_epochs=(100,)),
+        train=TrainConfig(global_batch=128, epochs=150),
+        scale=ScaleConfig(num_workers=1),
+    )
+
+
+def imagenet_paper(model: str = "resnet50") -> JobConfig:
+    """Paper §3.4; plain18/plain34 for the degradation study (Table 2)."""
+    return JobConfig(
+        recipe="imagenet-paper",
+        model=ModelConfig(name=model, shortcut=None if model.startswith("plain") else "B"),
+        data=DataConfig(
+            uri="data/imagenet",
+            augment="paper",
+            image_size=224,
+            eval_resize=256,
+            mean="per_pixel",
+            lighting_std=0.1,
+            shuffle_buffer=2048,
+        ),
+        optim=OptimConfig(lr=0.1, momentum=0.9, weight_decay=1e-4),
+        schedule=ScheduleConfig(kind="plateau", plateau_patience=5),
+        train=TrainConfig(global_batch=256, epochs=120, max_steps=600_000, log_every_steps=100),
+        scale=ScaleConfig(num_workers=8, use_gpu=True, cpus_per_worker=8.0),
+    )
+
+
+def imagenet_fast(model: str = "resnet50") -> JobConfig:
+    """Modern fast ResNet-50 (v1.5) recipe for GPU clusters."""
+    return JobConfig(
+        recipe="imagenet-fast",
+        model=ModelConfig(name=model, stride_in_3x3=True, zero_init_residual=True),
+        data=DataConfig(
+            uri="data/imagenet",
+            augment="inception",
+            image_size=224,
+            eval_resize=256,
+            mean="imagenet",
+            normalize_std=True,
+            shuffle_buffer=2048,
+        ),
+        optim=OptimConfig(
+            lr=0.1,
+            reference_batch=256,
+            weight_decay=5e-5,
+            decay_norm_and_bias=False,
+            label_smoothing=0.1,
+            nesterov=True,
+        ),
+        schedule=ScheduleConfig(kind="cosine", warmup_epochs=5),
+        train=TrainConfig(global_batch=1024, epochs=40, log_every_steps=100, precision="auto"),
+        scale=ScaleConfig(num_workers=8, use_gpu=True, cpus_per_worker=8.0),
+    )
+
+
+RECIPES: dict[str, Callable[..., JobConfig]] = {
+    "demo": demo,
+    "cifar-paper": cifar_paper,
+    "cifar-tutorial": cifar_tutorial,
+    "imagenet-paper": imagenet_paper,
+    "imagenet-fast": imagenet_fast,
+}
+
+
+def build_recipe(name: str, model: str | None = None) -> JobConfig:
+    """The named recipe, optionally for another model of the family (its defaults kept)."""
+    if name not in RECIPES:
+        raise ValueError(f"recipe {name!r} is unknown; use one of {sorted(RECIPES)}")
+    config = RECIPES[name]() if model is None else RECIPES[name](model)
+    return replace(config, recipe=name)

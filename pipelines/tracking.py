@@ -1,0 +1,214 @@
+"""MLflow for every command: where the store is, one deterministic run per name, one writer.
+
+- Tracking URI: ``MLFLOW_TRACKING_URI``, else an embedded SQLite store ``mlflow.db`` in the
+  directory the command was started from (resolved on the driver: Ray Train moves its workers'
+  working directory, so relative paths would land in Ray's session folder).
+- Run identity: a run is found by the tag ``resnet_ray.run_name``; a re-submitted or restarted job
+  continues the same MLflow run instead of opening a new one.
+- One writer: :class:`MlflowReporter` is a ``ray.train.UserCallback``; it runs in the Train controller
+  and is the only code that logs while training. It skips steps already logged, so a resumed run
+  never has duplicate steps.
+- Secrets: nothing read from the environment is logged; URIs are logged without user info.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import platform
+import re
+import subprocess
+import time
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+import mlflow
+from mlflow.entities import Metric, Param, RunTag
+from mlflow.tracking import MlflowClient
+from ray.train import Checkpoint, UserCallback
+
+RUN_NAME_TAG = "resnet_ray.run_name"
+EMBEDDED_DB = "mlflow.db"
+EMBEDDED_ARTIFACTS = "mlartifacts"
+
+
+def tracking_uri(workdir: str | Path | None = None) -> str:
+    """``MLFLOW_TRACKING_URI`` or the embedded SQLite store in ``workdir`` (default: cwd)."""
+    env = os.environ.get("MLFLOW_TRACKING_URI")
+    if env:
+        return env
+    root = Path(workdir or os.getcwd()).resolve()
+    return f"sqlite:///{root / EMBEDDED_DB}"
+
+
+def ui_command(uri: str) -> str:
+    """The exact command that opens the MLflow UI on this store."""
+    if uri.startswith(("http://", "https://")):
+        return f"open {strip_userinfo(uri)}"
+    root = Path(uri.removeprefix("sqlite:///")).parent
+    return (
+        f"mlflow ui --backend-store-uri {uri} "
+        f"--default-artifact-root {root / EMBEDDED_ARTIFACTS} --port 5000"
+    )
+
+
+def strip_userinfo(uri: str) -> str:
+    """``scheme://user:secret@host/x`` → ``scheme://host/x``: credentials never reach a log."""
+    return re.sub(r"^([a-zA-Z][a-zA-Z0-9+.-]*://)[^/@]*@", r"\1", uri)
+
+
+def ensure_experiment(client: MlflowClient, name: str, uri: str) -> str:
+    """Experiment id for ``name``, created on first use (artifacts beside an embedded store)."""
+    experiment = client.get_experiment_by_name(name)
+    if experiment is not None:
+        return experiment.experiment_id
+    location = None
+    if uri.startswith("sqlite:///"):
+        location = (Path(uri.removeprefix("sqlite:///")).parent / EMBEDDED_ARTIFACTS).as_uri()
+    return client.create_experiment(name, artifact_location=location)
+
+
+def find_or_create_run(
+    client: MlflowClient,
+    experiment_id: str,
+    run_name: str,
+    *,
+    tags: Mapping[str, str] | None = None,
+    parent_run_id: str | None = None,
+) -> tuple[str, bool]:
+    """``(run_id, resumed)``: the run tagged ``run_name`` in the experiment, or a new one."""
+    escaped = run_name.replace("'", "\\'")
+    found = client.search_runs(
+        [experiment_id],
+        filter_string=f"tags.`{RUN_NAME_TAG}` = '{escaped}'",
+        order_by=["attributes.start_time DESC"],
+        max_results=1,
+    )
+    if found:
+        run_id = found[0].info.run_id
+        client.update_run(run_id, status="RUNNING")
+        return run_id, True
+    all_tags = {RUN_NAME_TAG: run_name, **(tags or {})}
+    if parent_run_id:
+        all_tags["mlflow.parentRunId"] = parent_run_id
+    run = client.create_run(experiment_id, run_name=run_name, tags=all_tags)
+    return run.info.run_id, False
+
+
+def log_params_once(client: MlflowClient, run_id: str, params: Mapping[str, Any]) -> None:
+    """Logs params; a resumed run with a different value for one raises with the fix."""
+    existing = client.get_run(run_id).data.params
+    new = []
+    for key, value in params.items():
+        text = "None" if value is None else str(value)[:6000]
+        if key in existing:
+            if existing[key] != text:
+                raise ValueError(
+                    f"run {run_id} was started with {key}={existing[key]}; resuming it with "
+                    f"{key}={text} would mix two configurations — pass a new run name (--name)"
+                )
+            continue
+        new.append(Param(key, text))
+    for start in range(0, len(new), 100):
+        client.log_batch(run_id, params=new[start : start + 100])
+
+
+def environment_tags(workdir: str | Path | None = None) -> dict[str, str]:
+    """Git commit and library versions: what a reader of the run needs to reproduce it."""
+    import pyarrow
+    import ray
+    import torch
+    import torchvision
+
+    tags = {
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "torchvision": torchvision.__version__,
+        "ray": ray.__version__,
+        "mlflow": mlflow.__version__,
+        "pyarrow": pyarrow.__version__,
+    }
+    commit = os.environ.get("RESNET_RAY_GIT_COMMIT") or _git_commit(workdir)
+    if commit:
+        tags["mlflow.source.git.commit"] = commit
+    return tags
+
+
+def _git_commit(workdir: str | Path | None) -> str | None:
+    try:
+        out = subprocess.run(
+            ["git", "rev-parse", "HEAD"],
+            cwd=workdir or os.getcwd(),
+            capture_output=True,
+            text=True,
+            timeout=5,
+            check=True,
+        )
+    except (OSError, subprocess.SubprocessError):
+        return None
+    return out.stdout.strip() or None
+
+
+class MlflowReporter(UserCallback):
+    """The single MLflow writer of a Train run, living in the Train controller.
+
+    Every rank reports the same globally reduced metrics (all-reduced in the loop); rank 0's dict
+    is logged. Keys ending in ``_step`` name the x-axis; ``step`` is the global optimizer step.
+    """
+
+    def __init__(self, uri: str, run_id: str) -> None:
+        self.uri = uri
+        self.run_id = run_id
+        self._last_step: dict[str, int] | None = None  # per metric key, loaded lazily
+
+    def _client(self) -> MlflowClient:
+        return MlflowClient(tracking_uri=self.uri)
+
+    def _load_last_steps(self, client: MlflowClient) -> dict[str, int]:
+        run = client.get_run(self.run_id)
+        last: dict[str, int] = {}
+        for key in run.data.metrics:
+            history = client.get_metric_history(self.run_id, key)
+            last[key] = max((m.step for m in history), default=-1)
+        return last
+
+    def after_report(
+        self,
+        run_context: Any,
+        metrics: list[dict[str, Any]],
+        checkpoint: Checkpoint | None,
+    ) -> None:
+        client = self._client()
+        if self._last_step is None:
+            self._last_step = self._load_last_steps(client)
+        reported = metrics[0] if metrics else {}
+        step = int(reported.get("step", 0))
+        now = int(time.time() * 1000)
+        batch = []
+        for key, value in reported.items():
+            if key == "step" or not isinstance(value, int | float) or isinstance(value, bool):
+                continue
+            if not math.isfinite(float(value)) or step <= self._last_step.get(key, -1):
+                continue
+            batch.append(Metric(key, float(value), now, step))
+            self._last_step[key] = step
+        if batch:
+            client.log_batch(self.run_id, metrics=batch)
+        if checkpoint is not None:
+            uri = strip_userinfo(checkpoint.path)
+            if checkpoint.filesystem is not None and "://" not in uri:
+                scheme = checkpoint.filesystem.type_name
+                uri = f"{scheme}://{uri}" if scheme != "local" else uri
+            client.set_tag(self.run_id, "checkpoint.latest", uri)
+            client.log_batch(
+                self.run_id,
+                tags=[RunTag(f"checkpoint.step_{step:09d}", uri)],
+            )
+
+    def after_exception(self, run_context: Any, worker_exceptions: dict[int, Exception]) -> None:
+        client = self._client()
+        summary = "; ".join(
+            f"rank {r}: {type(e).__name__}" for r, e in sorted(worker_exceptions.items())
+        )
+        client.set_tag(self.run_id, "last_worker_failure", summary[:5000])

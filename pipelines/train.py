@@ -1,0 +1,770 @@
+"""resnet-train: the main job — Ray Data streams the shards into Ray Train TorchTrainer workers,
+the paper's recipes train a ResNet, checkpoints survive failures, MLflow records everything.
+
+Run from a checkout:
+
+    resnet-train                                      # the demo: synthetic shards, 2 CPU workers
+    resnet-train --recipe cifar-paper --model resnet56 --data data/cifar10 --workers 1
+    resnet-train --recipe imagenet-fast --data s3://bucket/imagenet --workers 8 --gpu \\
+        --storage s3://bucket/runs train.epochs=40
+    ray job submit --working-dir . -- python -m pipelines.train --recipe imagenet-paper ...
+
+Dotted overrides (``optim.lr=0.05 train.epochs=3``) change any config value; ``--help`` lists the
+flags. The resolved config is printed first. Re-running with the same run name (``--name``,
+default ``<recipe>-<model>``) resumes the Train run from its latest checkpoint and continues the
+same MLflow run. Exit status: 0 done, 1 training failed, 2 bad configuration (nothing started).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import sys
+import tempfile
+import time
+import warnings
+from collections.abc import Sequence
+from contextlib import nullcontext
+from dataclasses import replace
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+
+from pipelines import storage
+from pipelines.config import (
+    ConfigError,
+    JobConfig,
+    flatten,
+    from_dict,
+    to_dict,
+    validate,
+)
+from pipelines.manifest import Manifest, ManifestError, load_mean_image, read_manifest
+from pipelines.recipes import RECIPES, build_recipe
+from resnet_core.checkpoint import (
+    CheckpointError,
+    load_checkpoint,
+    restore_training_state,
+    save_checkpoint,
+    save_weights,
+    training_state,
+)
+from resnet_core.metrics import RunningMean, TopKAccumulator
+from resnet_core.models import create_model, is_cifar_model
+from resnet_core.optim import LRSchedule, build_sgd, scaled_lr, set_lr
+from resnet_core.transforms import IMAGENET_MEAN_RGB, IMAGENET_STD_RGB, to_float_batch
+
+DEMO_DATA = "data/synthetic-cifar"
+CHECKPOINT_PREFIX = "checkpoint-"
+
+
+# ---------------------------------------------------------------------------------------------
+# Command line → JobConfig
+# ---------------------------------------------------------------------------------------------
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="resnet-train",
+        description="Train a ResNet v1 with Ray Train on Parquet shards; record it in MLflow.",
+        epilog="Any config value can be overridden as section.key=value, e.g. optim.lr=0.05 "
+        "train.epochs=3 data.augment=inception schedule.kind=cosine. Sections: model, data, "
+        "optim, schedule, train, scale, run.",
+    )
+    parser.add_argument("--recipe", default="demo", choices=sorted(RECIPES), help="base recipe")
+    parser.add_argument("--model", help="model name (resnet18..152, plain18/34, resnet20 ...)")
+    parser.add_argument("--data", help="dataset URI written by resnet-prepare (path or s3://)")
+    parser.add_argument("--workers", type=int, help="number of Train workers (scale.num_workers)")
+    parser.add_argument("--gpu", action="store_true", help="one GPU per worker (scale.use_gpu)")
+    parser.add_argument("--cpus-per-worker", type=float, help="CPUs per Train worker")
+    parser.add_argument("--epochs", type=int, help="train.epochs")
+    parser.add_argument("--storage", help="checkpoint storage: a path or s3://bucket/prefix")
+    parser.add_argument("--name", help="run name (deterministic; re-use it to resume)")
+    parser.add_argument("--experiment", help="MLflow experiment name")
+    parser.add_argument("--address", help="Ray cluster address (default: RAY_ADDRESS or local)")
+    parser.add_argument("--print-config", action="store_true", help="print the config and exit")
+    parser.add_argument("overrides", nargs="*", help="section.key=value overrides")
+    return parser
+
+
+def resolve_config(args: argparse.Namespace) -> JobConfig:
+    """Recipe, then flags, then dotted overrides (last wins)."""
+    from pipelines.config import apply_overrides
+
+    config = build_recipe(args.recipe, args.model)
+    flags = {
+        "data.uri": args.data,
+        "scale.num_workers": args.workers,
+        "scale.cpus_per_worker": args.cpus_per_worker,
+        "train.epochs": args.epochs,
+        "run.storage_path": args.storage,
+        "run.name": args.name,
+        "run.experiment": args.experiment,
+    }
+    overrides = [f"{k}={v}" for k, v in flags.items() if v is not None]
+    if args.gpu:
+        overrides.append("scale.use_gpu=true")
+    return apply_overrides(config, [*overrides, *args.overrides])
+
+
+def _is_model_name(name: str) -> bool:
+    try:
+        is_cifar_model(name)
+    except ValueError:
+        return False
+    return True
+
+
+def model_options(config: JobConfig) -> dict[str, Any]:
+    m = config.model
+    options: dict[str, Any] = {"zero_init_residual": m.zero_init_residual}
+    if m.shortcut is not None:
+        options["shortcut"] = m.shortcut
+    if m.stride_in_3x3:
+        options["stride_in_3x3"] = True
+    return options
+
+
+def absolute_locations(config: JobConfig) -> JobConfig:
+    """Resolve relative paths on the driver: Train workers run in another working directory."""
+    data = replace(config.data, uri=storage.absolute_uri(config.data.uri))
+    run = replace(config.run, storage_path=storage.absolute_uri(config.run.storage_path))
+    return replace(config, data=data, run=run)
+
+
+# ---------------------------------------------------------------------------------------------
+# The loop on every worker
+# ---------------------------------------------------------------------------------------------
+
+
+def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
+    """Runs on each Train worker. Every rank reports; rank 0 alone writes checkpoints."""
+    import ray.train
+    import ray.train.torch
+
+    from pipelines import data as data_lib
+
+    config: JobConfig = from_dict(JobConfig, loop_config["config"])
+    quiet_framework_logs()
+    context = ray.train.get_context()
+    rank, world = context.get_world_rank(), context.get_world_size()
+    device = ray.train.torch.get_device()
+    on_gpu = device.type == "cuda"
+    manifest = read_manifest(config.data.uri)
+    t, o, d = config.train, config.optim, config.data
+
+    torch.manual_seed(t.seed)
+    model = create_model(
+        config.model.name, num_classes=manifest.num_classes, **model_options(config)
+    )
+    if t.sync_bn and world > 1:
+        model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
+    channels_last = on_gpu and t.channels_last
+    model = model.to(device, memory_format=torch.channels_last if channels_last else None)
+    model = ray.train.torch.prepare_model(model)
+    if t.compile:
+        model = torch.compile(model)
+    use_bf16 = on_gpu and t.precision in ("auto", "bf16")
+
+    batch_per_worker = t.global_batch // world
+    steps_per_epoch = data_lib.steps_per_epoch(
+        manifest, d.train_split, world_size=world, batch_size=batch_per_worker
+    )
+    total_steps = t.epochs * steps_per_epoch
+    if t.max_steps is not None:
+        total_steps = min(total_steps, t.max_steps)
+    epochs = math.ceil(total_steps / steps_per_epoch)
+    lr = scaled_lr(o.lr, t.global_batch, o.reference_batch)
+    optimizer = build_sgd(
+        model,
+        lr=lr,
+        momentum=o.momentum,
+        weight_decay=o.weight_decay,
+        nesterov=o.nesterov,
+        decay_norm_and_bias=o.decay_norm_and_bias,
+    )
+    schedule = make_schedule(config, lr, total_steps, steps_per_epoch)
+    criterion = nn.CrossEntropyLoss(label_smoothing=o.label_smoothing)
+    mean, std = normalization(config, manifest, device)
+
+    start_epoch, step, batches_done, epoch_state = 0, 0, 0, None
+    restored = restore_latest(ray.train.get_checkpoint(), model, optimizer)
+    if restored is not None:
+        start_epoch, step = restored["epoch"], restored["step"]
+        batches_done = restored["batches_in_epoch"]
+        schedule.load_state_dict(restored["extra"]["schedule"])
+        epoch_state = restored["extra"].get("epoch_metrics") if rank == 0 else None
+        if rank == 0:
+            say(
+                f"resumed from step {step} (epoch {start_epoch + 1}, "
+                f"{batches_done} batches into it)"
+            )
+
+    val_metrics: dict[str, float] = {}
+    for epoch in range(start_epoch, epochs):
+        epoch_steps = min(steps_per_epoch, total_steps - epoch * steps_per_epoch)
+        train_acc = TopKAccumulator(device=device)
+        train_loss = RunningMean(device=device)
+        if epoch_state is not None:
+            train_acc.load_state_dict(epoch_state["accuracy"])
+            train_loss.load_state_dict(epoch_state["loss"])
+            epoch_state = None
+        batches = data_lib.iter_batches(
+            manifest,
+            split=d.train_split,
+            mode=d.augment,
+            world_size=world,
+            rank=rank,
+            epoch=epoch,
+            seed=d.seed,
+            batch_size=batch_per_worker,
+            image_size=d.image_size,
+            skip_batches=batches_done,
+            max_batches=epoch_steps,
+            decode_num_cpus=d.decode_cpus,
+            decode_concurrency=d.decode_concurrency,
+            prefetch_batches=d.prefetch_batches,
+            local_shuffle_buffer_size=d.shuffle_buffer,
+            pin_memory=on_gpu,
+        )
+        model.train()
+        window = _Window(device)
+        fetch_start = time.perf_counter()
+        for batch_index, (images, labels) in enumerate(batches, start=batches_done):
+            window.data_seconds += time.perf_counter() - fetch_start
+            set_lr(optimizer, schedule.lr(step))
+            images = images.to(device, non_blocking=True)
+            labels = labels.to(device, non_blocking=True)
+            x = to_float_batch(
+                images, mean=mean, std=std, lighting_std=d.lighting_std, channels_last=channels_last
+            )
+            autocast = torch.autocast("cuda", dtype=torch.bfloat16) if use_bf16 else nullcontext()
+            with autocast:
+                logits = model(x)
+                loss = criterion(logits, labels)
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+            step += 1
+            train_acc.update(logits.detach().float(), labels)
+            train_loss.update(loss.detach().float(), labels.numel())
+            window.add(loss.detach().float(), logits.detach().float(), labels)
+            last_in_epoch = batch_index + 1 == epoch_steps
+            if step % t.log_every_steps == 0 and not last_in_epoch:
+                report = window.report(world, step, epoch, optimizer)
+                schedule.observe_train_error(1.0 - report["train/window_top1"])
+                checkpoint_due = (
+                    bool(t.checkpoint_every_steps) and step % t.checkpoint_every_steps == 0
+                )
+                if rank == 0:
+                    say(format_progress(report, epoch, epochs, batch_index + 1, epoch_steps))
+                if checkpoint_due:
+                    epoch_metrics = _reduced_epoch_state(train_acc, train_loss)
+                    state = None
+                    if rank == 0:
+                        state = training_state(
+                            model,
+                            optimizer,
+                            epoch=epoch,
+                            step=step,
+                            batches_in_epoch=batch_index + 1,
+                            config=to_dict(config),
+                            extra={
+                                "schedule": schedule.state_dict(),
+                                "epoch_metrics": epoch_metrics,
+                            },
+                        )
+                    _report_with_checkpoint(report, state, step=step)
+                else:
+                    ray.train.report(report)
+                window = _Window(device)
+            fetch_start = time.perf_counter()
+        batches_done = 0
+
+        epoch_report = window.report(world, step, epoch, optimizer)
+        train_acc.all_reduce()
+        train_loss.all_reduce()
+        train_summary = train_acc.compute()
+        epoch_report.update(
+            {
+                "epoch": epoch + 1,
+                "train/loss": train_loss.compute(),
+                "train/top1": train_summary["top1"],
+                "train/top5": train_summary["top5"],
+                "train/error": 1.0 - train_summary["top1"],
+                "train/epoch_samples": int(train_summary["count"]),
+            }
+        )
+        schedule.observe_train_error(1.0 - train_summary["top1"])
+        final_epoch = epoch + 1 == epochs
+        if (epoch + 1) % t.eval_every_epochs == 0 or final_epoch:
+            val_metrics = evaluate(
+                model, manifest, config, data_lib, rank, world, device, mean, std
+            )
+            epoch_report.update(val_metrics)
+            schedule.observe_val_error(val_metrics["val/error"])
+        if rank == 0:
+            say(format_epoch(epoch_report, epoch, epochs))
+        state = None
+        if rank == 0:
+            state = training_state(
+                model,
+                optimizer,
+                epoch=epoch + 1,
+                step=step,
+                batches_in_epoch=0,
+                config=to_dict(config),
+                extra={"schedule": schedule.state_dict()},
+            )
+        _report_with_checkpoint(epoch_report, state, step=step)
+
+
+def say(line: str) -> None:
+    """One progress line on the driver's console. Ray Train's print patch tees ``print`` into
+    its logger as well, which shows every line twice; writing to stdout shows it once."""
+    sys.stdout.write(line + "\n")
+    sys.stdout.flush()
+
+
+def quiet_framework_logs() -> None:
+    """Keep the console to our progress lines: Ray Train logs every report at INFO and Ray Data
+    announces every epoch's pipeline; both stay in Ray's log files."""
+    import logging
+
+    import ray.data
+
+    logging.getLogger("ray.train").setLevel(logging.WARNING)
+    logging.getLogger("ray.data").setLevel(logging.WARNING)
+    ray.data.DataContext.get_current().enable_progress_bars = False
+
+
+class _Window:
+    """Metrics of the steps since the last report: loss, top-1, throughput, data wait."""
+
+    def __init__(self, device: torch.device) -> None:
+        self.started = time.perf_counter()
+        self.data_seconds = 0.0
+        self.loss = RunningMean(device=device)
+        self.accuracy = TopKAccumulator(device=device)
+
+    def add(self, loss: torch.Tensor, logits: torch.Tensor, labels: torch.Tensor) -> None:
+        self.loss.update(loss, labels.numel())
+        self.accuracy.update(logits, labels)
+
+    def report(
+        self, world: int, step: int, epoch: int, optimizer: torch.optim.Optimizer
+    ) -> dict[str, float]:
+        seconds = max(time.perf_counter() - self.started, 1e-9)
+        local_images = self.accuracy.compute()["count"]
+        self.loss.all_reduce()
+        self.accuracy.all_reduce()
+        summary = self.accuracy.compute()
+        return {
+            "step": step,
+            "train/window_loss": self.loss.compute() if summary["count"] else float("nan"),
+            "train/window_top1": summary["top1"] if summary["count"] else float("nan"),
+            "lr": optimizer.param_groups[0]["lr"],
+            "throughput/images_per_s": summary["count"] / seconds,
+            "throughput/images_per_s_per_worker": local_images / seconds,
+            "throughput/data_wait_share": self.data_seconds / seconds,
+            "time/window_s": seconds,
+        }
+
+
+def _reduced_epoch_state(acc: TopKAccumulator, loss: RunningMean) -> dict[str, Any]:
+    """All ranks' running epoch metrics summed (a collective: every rank calls it)."""
+    acc_copy = TopKAccumulator(device=acc.device)
+    acc_copy.load_state_dict(acc.state_dict())
+    loss_copy = RunningMean(device=loss.device)
+    loss_copy.load_state_dict(loss.state_dict())
+    return {
+        "accuracy": acc_copy.all_reduce().state_dict(),
+        "loss": loss_copy.all_reduce().state_dict(),
+    }
+
+
+def _report_with_checkpoint(metrics: dict[str, float], state: dict | None, *, step: int) -> None:
+    """Every rank reports (a barrier); the rank holding ``state`` (rank 0) writes the checkpoint."""
+    import ray.train
+
+    name = f"{CHECKPOINT_PREFIX}{step:09d}"
+    if state is None:
+        ray.train.report(metrics, checkpoint=None, checkpoint_dir_name=name)
+        return
+    with tempfile.TemporaryDirectory(prefix="resnet-ckpt-") as tmp:
+        path = save_checkpoint(Path(tmp) / "state", state)
+        ray.train.report(
+            metrics,
+            checkpoint=ray.train.Checkpoint.from_directory(str(path)),
+            checkpoint_dir_name=name,
+        )
+
+
+def restore_latest(
+    checkpoint: Any, model: nn.Module, optimizer: torch.optim.Optimizer
+) -> dict[str, Any] | None:
+    """Load Ray's latest checkpoint, or the newest earlier one that is intact (with a warning).
+
+    Never silently restarts from scratch: if checkpoints exist and none loads, it raises.
+    """
+    if checkpoint is None:
+        return None
+    import pyarrow.fs as pafs
+    from ray.train import Checkpoint
+
+    fs = checkpoint.filesystem
+    parent = checkpoint.path.rstrip("/").rsplit("/", 1)[0]
+    latest_name = checkpoint.path.rstrip("/").rsplit("/", 1)[1]
+    infos = fs.get_file_info(pafs.FileSelector(parent))
+    names = sorted(
+        (i.base_name for i in infos if i.base_name.startswith(CHECKPOINT_PREFIX)), reverse=True
+    )
+    candidates = [n for n in names if n <= latest_name] or [latest_name]
+    problems = []
+    for name in candidates:
+        with tempfile.TemporaryDirectory(prefix="resnet-restore-") as tmp:
+            try:
+                Checkpoint(f"{parent}/{name}", filesystem=fs).to_directory(tmp)
+                state = load_checkpoint(tmp)
+            except (CheckpointError, OSError) as e:
+                warnings.warn(
+                    f"checkpoint {parent}/{name} is unusable ({e}); falling back to the previous one",
+                    stacklevel=1,
+                )
+                problems.append(f"{name}: {e}")
+                continue
+        return restore_training_state(state, model, optimizer)
+    raise CheckpointError(
+        f"no usable checkpoint under {parent} ({'; '.join(problems)}); refusing to restart from "
+        "scratch — delete the run folder or pass a new --name"
+    )
+
+
+def make_schedule(
+    config: JobConfig, lr: float, total_steps: int, steps_per_epoch: int
+) -> LRSchedule:
+    s = config.schedule
+    milestones = tuple(s.milestones) + tuple(e * steps_per_epoch for e in s.milestone_epochs)
+    return LRSchedule(
+        base_lr=lr,
+        kind=s.kind,  # type: ignore[arg-type]
+        total_steps=total_steps,
+        milestones=tuple(sorted(milestones)),
+        gamma=s.gamma,
+        warmup_steps=round(s.warmup_epochs * steps_per_epoch),
+        hold_lr=s.hold_lr,
+        hold_until_train_error=s.hold_until_train_error,
+        plateau_patience=s.plateau_patience,
+    )
+
+
+def normalization(
+    config: JobConfig, manifest: Manifest, device: torch.device
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Mean (per-pixel image, per-channel or ImageNet constants) and optional std, on device."""
+    d = config.data
+    if d.mean == "per_pixel":
+        mean = torch.from_numpy(np.asarray(load_mean_image(manifest), dtype=np.float32))
+        if mean.shape[-1] != d.image_size:
+            mean = nn.functional.interpolate(
+                mean[None], size=(d.image_size, d.image_size), mode="bilinear", align_corners=False
+            )[0]
+    elif d.mean == "per_channel":
+        mean = torch.tensor(manifest.pixel_mean_rgb)
+    else:
+        mean = torch.tensor(IMAGENET_MEAN_RGB)
+    std = None
+    if d.normalize_std:
+        stats = manifest.pixel_std_rgb if d.mean != "imagenet" else IMAGENET_STD_RGB
+        std = torch.tensor(stats, device=device)
+    return mean.to(device), std
+
+
+@torch.no_grad()
+def evaluate(
+    model: nn.Module,
+    manifest: Manifest,
+    config: JobConfig,
+    data_lib: Any,
+    rank: int,
+    world: int,
+    device: torch.device,
+    mean: torch.Tensor,
+    std: torch.Tensor | None,
+) -> dict[str, float]:
+    """Centre-crop validation, every image exactly once across ranks, exact top-1/top-5."""
+    d = config.data
+    model.eval()
+    accuracy = TopKAccumulator(device=device)
+    loss = RunningMean(device=device)
+    criterion = nn.CrossEntropyLoss()
+    batches = data_lib.iter_batches(
+        manifest,
+        split=d.val_split,
+        mode="eval_center",
+        world_size=world,
+        rank=rank,
+        epoch=0,
+        seed=d.seed,
+        batch_size=max(1, config.train.global_batch // world),
+        image_size=d.image_size,
+        eval_resize=d.eval_resize,
+        decode_num_cpus=d.decode_cpus,
+        decode_concurrency=d.decode_concurrency,
+        prefetch_batches=d.prefetch_batches,
+        pin_memory=device.type == "cuda",
+    )
+    for images, labels in batches:
+        images = images.to(device, non_blocking=True)
+        labels = labels.to(device, non_blocking=True)
+        logits = model(to_float_batch(images, mean=mean, std=std)).float()
+        accuracy.update(logits, labels)
+        loss.update(criterion(logits, labels), labels.numel())
+    accuracy.all_reduce()
+    loss.all_reduce()
+    summary = accuracy.compute()
+    model.train()
+    return {
+        "val/top1": summary["top1"],
+        "val/top5": summary["top5"],
+        "val/error": 1.0 - summary["top1"],
+        "val/loss": loss.compute(),
+        "val/count": int(summary["count"]),
+    }
+
+
+def format_progress(report: dict[str, float], epoch: int, epochs: int, batch: int, of: int) -> str:
+    return (
+        f"epoch {epoch + 1}/{epochs} batch {batch}/{of} step {report['step']} "
+        f"loss {report['train/window_loss']:.3f} top1 {100 * report['train/window_top1']:.1f}% "
+        f"lr {report['lr']:.4g} {report['throughput/images_per_s']:.0f} img/s "
+        f"data-wait {100 * report['throughput/data_wait_share']:.0f}%"
+    )
+
+
+def format_epoch(report: dict[str, float], epoch: int, epochs: int) -> str:
+    text = (
+        f"epoch {epoch + 1}/{epochs} done: train loss {report['train/loss']:.3f} "
+        f"top1 {100 * report['train/top1']:.1f}% ({report['train/epoch_samples']} images)"
+    )
+    if "val/top1" in report:
+        text += (
+            f" | val top1 {100 * report['val/top1']:.2f}% top5 {100 * report['val/top5']:.2f}% "
+            f"({report['val/count']} images)"
+        )
+    return text
+
+
+# ---------------------------------------------------------------------------------------------
+# The driver: validate, connect, fit, log the model
+# ---------------------------------------------------------------------------------------------
+
+
+def check_before_start(config: JobConfig) -> Manifest:
+    """Everything checkable without taking cluster resources; ConfigError/ManifestError/…"""
+    validate(config, model_names_ok=_is_model_name)
+    storage.check_writable(config.run.storage_path)
+    manifest = read_manifest(config.data.uri)
+    manifest.split(config.data.train_split)
+    manifest.split(config.data.val_split)
+    if config.scale.use_gpu and not os.environ.get("RAY_ADDRESS") and not torch.cuda.is_available():
+        raise ConfigError(
+            "scale.use_gpu=true but this machine has no CUDA GPU and no cluster is attached "
+            "(RAY_ADDRESS); drop --gpu or submit to a GPU cluster"
+        )
+    return manifest
+
+
+def ensure_demo_data(config: JobConfig) -> None:
+    """The embedded default: create the synthetic shards on first use."""
+    from pipelines import prepare
+
+    uri = config.data.uri
+    if Path(uri).joinpath("manifest.json").exists():
+        return
+    print(f"no dataset at {uri}: creating the synthetic demo shards there (one time)", flush=True)
+    status = prepare.main(["synthetic", "--kind", "cifar", "--out", uri])
+    if status != 0:
+        raise ManifestError(f"creating the demo dataset at {uri} failed (exit {status})")
+
+
+def start_ray(config: JobConfig, address: str | None) -> bool:
+    """Attach to a cluster (``--address`` or ``RAY_ADDRESS``), else start a local Ray sized for
+    the workers plus decode tasks. Returns True when this process started Ray."""
+    import ray
+
+    if ray.is_initialized():
+        return False
+    if address or os.environ.get("RAY_ADDRESS"):
+        ray.init(address=address, log_to_driver=True)
+    else:
+        sc, d = config.scale, config.data
+        needed = sc.num_workers * (sc.cpus_per_worker + d.decode_cpus)
+        # The dashboard stays on loopback; Train's placement-group cleaner needs its state API.
+        ray.init(num_cpus=max(os.cpu_count() or 1, math.ceil(needed)), dashboard_host="127.0.0.1")
+    if config.scale.use_gpu:
+        gpus = ray.cluster_resources().get("GPU", 0)
+        if gpus < config.scale.num_workers * config.scale.gpus_per_worker:
+            raise ConfigError(
+                f"scale.use_gpu=true with {config.scale.num_workers} workers needs "
+                f"{config.scale.num_workers * config.scale.gpus_per_worker:g} GPUs but the cluster "
+                f"has {gpus:g}; add GPU nodes or lower --workers"
+            )
+    return True
+
+
+def run_training(config: JobConfig, manifest: Manifest) -> dict[str, float]:
+    """Fit the TorchTrainer under MLflow; returns the final metrics."""
+    import pyarrow.fs as pafs
+    from mlflow.tracking import MlflowClient
+    from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
+    from ray.train.torch import TorchTrainer
+
+    from pipelines import tracking
+
+    uri = tracking.tracking_uri()
+    client = MlflowClient(tracking_uri=uri)
+    experiment_id = tracking.ensure_experiment(client, config.run.experiment, uri)
+    tags = {
+        **tracking.environment_tags(),
+        "recipe": config.recipe,
+        "model": config.model.name,
+        "dataset.checksum": manifest.checksum,
+        "dataset.uri": tracking.strip_userinfo(config.data.uri),
+        "cluster.workers": str(config.scale.num_workers),
+        "cluster.use_gpu": str(config.scale.use_gpu),
+    }
+    run_id, resumed = tracking.find_or_create_run(client, experiment_id, config.run_name, tags=tags)
+    tracking.log_params_once(client, run_id, flatten(config))
+    print(
+        f"MLflow run {run_id} ({'resumed' if resumed else 'new'}) in {tracking.strip_userinfo(uri)}"
+    )
+
+    fs, path = storage.resolve(config.run.storage_path)
+    storage_fs = None if isinstance(fs, pafs.LocalFileSystem) else fs
+    sc = config.scale
+    trainer = TorchTrainer(
+        train_loop_per_worker,
+        train_loop_config={"config": to_dict(config)},
+        scaling_config=ScalingConfig(
+            num_workers=sc.num_workers,
+            use_gpu=sc.use_gpu,
+            resources_per_worker={
+                "CPU": sc.cpus_per_worker,
+                **({"GPU": sc.gpus_per_worker} if sc.use_gpu else {}),
+            },
+        ),
+        run_config=RunConfig(
+            name=config.run_name,
+            storage_path=path if storage_fs is not None else config.run.storage_path,
+            storage_filesystem=storage_fs,
+            failure_config=FailureConfig(max_failures=sc.max_failures, controller_failure_limit=3),
+            checkpoint_config=CheckpointConfig(num_to_keep=config.train.keep_checkpoints),
+            callbacks=[tracking.MlflowReporter(uri, run_id)],
+        ),
+    )
+    try:
+        result = trainer.fit()
+        metrics = dict(result.metrics or {})
+        if result.checkpoint is not None:
+            log_final_model(uri, run_id, config, manifest, result.checkpoint)
+    except BaseException:
+        client.set_terminated(run_id, "FAILED")
+        raise
+    client.set_terminated(run_id, "FINISHED")
+    metrics["mlflow_run_id"] = run_id
+    return metrics
+
+
+def log_final_model(
+    uri: str, run_id: str, config: JobConfig, manifest: Manifest, checkpoint: Any
+) -> None:
+    """The final weights as safetensors + config JSON, and the MLflow model (torch.export
+    format, no pickle) with signature and input example, registered under a name."""
+    import mlflow
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(tracking_uri=uri)
+    with tempfile.TemporaryDirectory(prefix="resnet-final-") as tmp:
+        checkpoint.to_directory(tmp)
+        state = load_checkpoint(tmp)
+    model = create_model(
+        config.model.name, num_classes=manifest.num_classes, **model_options(config)
+    )
+    model.load_state_dict(state["model"])
+    model.eval()
+    with tempfile.TemporaryDirectory(prefix="resnet-weights-") as tmp:
+        save_weights(
+            Path(tmp) / "weights.safetensors", model, metadata={"model": config.model.name}
+        )
+        Path(tmp, "config.json").write_text(json.dumps(to_dict(config), indent=2))
+        Path(tmp, "classes.json").write_text(
+            json.dumps(
+                {"classes": list(manifest.classes), "class_names": list(manifest.class_names)}
+            )
+        )
+        client.log_artifacts(run_id, tmp, artifact_path="final")
+    size = config.data.image_size
+    # Batch 2: torch.export would specialise a batch of 1 to a constant (0/1 specialisation).
+    example = np.zeros((2, 3, size, size), dtype=np.float32)
+    registered = config.run.registered_model or f"resnet-ray-{config.model.name}"
+    mlflow.set_tracking_uri(uri)
+    with mlflow.start_run(run_id=run_id):
+        mlflow.pytorch.log_model(
+            model,
+            name="model",
+            input_example=example,
+            registered_model_name=registered,
+            serialization_format="pt2",
+        )
+
+
+def main(argv: Sequence[str] | None = None) -> float:
+    """Run the job; returns the final validation top-1 (also printed). Exits 2 on bad config."""
+    args = build_parser().parse_args(argv)
+    try:
+        config = absolute_locations(resolve_config(args))
+        validate(config, model_names_ok=_is_model_name)
+    except (ConfigError, ValueError) as e:
+        print(f"resnet-train: {e}", file=sys.stderr)
+        raise SystemExit(2) from None
+    print("resolved config:\n" + json.dumps(to_dict(config), indent=2), flush=True)
+    if args.print_config:
+        return float("nan")
+    import ray
+
+    started = False
+    try:
+        if config.data.uri == storage.absolute_uri(DEMO_DATA) and config.recipe == "demo":
+            started = start_ray(config, args.address)
+            ensure_demo_data(config)
+        manifest = check_before_start(config)
+        started = start_ray(config, args.address) or started
+        metrics = run_training(config, manifest)
+    except (ConfigError, ManifestError, storage.StorageError, CheckpointError) as e:
+        print(f"resnet-train: {e}", file=sys.stderr)
+        raise SystemExit(2) from None
+    finally:
+        if started:
+            ray.shutdown()
+    from pipelines import tracking
+
+    top1 = float(metrics.get("val/top1", float("nan")))
+    print(f"final validation top-1: {100 * top1:.2f}% ({metrics.get('val/count', 0)} images)")
+    print(f"MLflow run: {metrics['mlflow_run_id']}")
+    print(f"open the MLflow UI: {tracking.ui_command(tracking.tracking_uri())}")
+    return top1
+
+
+def cli() -> None:
+    """Console-script entry point: exit status 0 on success."""
+    main()
+
+
+if __name__ == "__main__":
+    cli()
