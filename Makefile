@@ -5,9 +5,12 @@ VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: demo test test-fast lint format lock clean
+.PHONY: demo test test-fast selfcheck lint format lock clean
 
 demo: $(STAMP)
+	$(VENV)/bin/resnet-train
+
+selfcheck: $(STAMP)
 	$(VENV)/bin/resnet-selfcheck
 
 test: $(STAMP)
