@@ -10,12 +10,15 @@ flattened (:func:`flatten`, keys like ``optim.lr``).
 from __future__ import annotations
 
 import dataclasses
+import math
+import re
 import types
 import typing
 from dataclasses import dataclass, field, fields, is_dataclass, replace
 from typing import Any, Literal
 
 AUGMENTS = ("cifar", "cifar_tutorial", "paper", "inception")
+RUN_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,127}")
 MEAN_MODES = ("per_pixel", "per_channel", "imagenet")
 PRECISIONS = ("auto", "fp32", "bf16")
 
@@ -194,9 +197,8 @@ def _parse_value(raw: str, hint: Any, item: str) -> Any:
     args = typing.get_args(hint)
     origin = typing.get_origin(hint)
     if origin in (typing.Union, types.UnionType):
-        if raw.lower() in ("none", "null", ""):
-            if type(None) in args:
-                return None
+        if raw.lower() in ("none", "null", "") and type(None) in args:
+            return None
         inner = [a for a in args if a is not type(None)]
         return _parse_value(raw, inner[0], item)
     if origin is Literal:
@@ -214,7 +216,10 @@ def _parse_value(raw: str, hint: Any, item: str) -> Any:
         if hint is int:
             return int(raw)
         if hint is float:
-            return float(raw)
+            value = float(raw)
+            if not math.isfinite(value):
+                raise ValueError(raw)
+            return value
     except ValueError:
         raise ConfigError(f"override {item!r}: {raw!r} is not a valid {hint.__name__}") from None
     return raw
@@ -271,6 +276,46 @@ def validate(config: JobConfig, *, model_names_ok: typing.Callable[[str], bool])
         (
             o.reference_batch is None or o.reference_batch > 0,
             f"optim.reference_batch={o.reference_batch} must be positive",
+        ),
+        (t.log_every_steps >= 1, f"train.log_every_steps={t.log_every_steps} must be >= 1"),
+        (
+            t.eval_every_epochs >= 1,
+            f"train.eval_every_epochs={t.eval_every_epochs} must be >= 1",
+        ),
+        (
+            t.checkpoint_every_steps is None or t.checkpoint_every_steps >= 1,
+            f"train.checkpoint_every_steps={t.checkpoint_every_steps} must be >= 1 or None",
+        ),
+        (
+            t.seed >= 0 and d.seed >= 0,
+            f"seeds must be >= 0 (train.seed={t.seed}, data.seed={d.seed})",
+        ),
+        (d.decode_cpus > 0, f"data.decode_cpus={d.decode_cpus} must be positive"),
+        (
+            d.decode_concurrency is None or d.decode_concurrency >= 1,
+            f"data.decode_concurrency={d.decode_concurrency} must be >= 1 or None",
+        ),
+        (d.prefetch_batches >= 0, f"data.prefetch_batches={d.prefetch_batches} must be >= 0"),
+        (d.shuffle_buffer >= 0, f"data.shuffle_buffer={d.shuffle_buffer} must be >= 0 (0: off)"),
+        (
+            not sc.use_gpu or sc.gpus_per_worker > 0,
+            f"scale.gpus_per_worker={sc.gpus_per_worker} must be positive",
+        ),
+        (s.gamma > 0, f"schedule.gamma={s.gamma} must be positive"),
+        (s.warmup_epochs >= 0, f"schedule.warmup_epochs={s.warmup_epochs} must be >= 0"),
+        (
+            s.plateau_patience >= 1,
+            f"schedule.plateau_patience={s.plateau_patience} must be >= 1",
+        ),
+        (
+            (s.hold_lr is None) == (s.hold_until_train_error is None),
+            "schedule.hold_lr and schedule.hold_until_train_error go together (paper §4.2 "
+            "warm-up); set both or neither",
+        ),
+        (
+            bool(RUN_NAME.fullmatch(config.run_name)),
+            f"run name {config.run_name!r} may only use letters, digits, '.', '_' and '-' "
+            "(it names a folder and an MLflow run)",
         ),
     ]
     for ok, message in checks:

@@ -24,11 +24,12 @@ from pathlib import Path
 from typing import Any
 
 import mlflow
-from mlflow.entities import Metric, Param, RunTag
+from mlflow.entities import Metric, Param, Run, RunTag
 from mlflow.tracking import MlflowClient
 from ray.train import Checkpoint, UserCallback
 
 RUN_NAME_TAG = "resnet_ray.run_name"
+FINAL_MODEL_TAG = "resnet_ray.final_model"  # the logged model's URI, set once it is logged
 EMBEDDED_DB = "mlflow.db"
 EMBEDDED_ARTIFACTS = "mlartifacts"
 
@@ -69,6 +70,18 @@ def ensure_experiment(client: MlflowClient, name: str, uri: str) -> str:
     return client.create_experiment(name, artifact_location=location)
 
 
+def find_run(client: MlflowClient, experiment_id: str, run_name: str) -> Run | None:
+    """The run tagged ``run_name`` in the experiment (the newest if several), or None."""
+    escaped = run_name.replace("'", "\\'")
+    found = client.search_runs(
+        [experiment_id],
+        filter_string=f"tags.`{RUN_NAME_TAG}` = '{escaped}'",
+        order_by=["attributes.start_time DESC"],
+        max_results=1,
+    )
+    return found[0] if found else None
+
+
 def find_or_create_run(
     client: MlflowClient,
     experiment_id: str,
@@ -77,16 +90,11 @@ def find_or_create_run(
     tags: Mapping[str, str] | None = None,
     parent_run_id: str | None = None,
 ) -> tuple[str, bool]:
-    """``(run_id, resumed)``: the run tagged ``run_name`` in the experiment, or a new one."""
-    escaped = run_name.replace("'", "\\'")
-    found = client.search_runs(
-        [experiment_id],
-        filter_string=f"tags.`{RUN_NAME_TAG}` = '{escaped}'",
-        order_by=["attributes.start_time DESC"],
-        max_results=1,
-    )
-    if found:
-        run_id = found[0].info.run_id
+    """``(run_id, resumed)``: the run tagged ``run_name`` in the experiment (set RUNNING
+    again), or a new one."""
+    found = find_run(client, experiment_id, run_name)
+    if found is not None:
+        run_id = found.info.run_id
         client.update_run(run_id, status="RUNNING")
         return run_id, True
     all_tags = {RUN_NAME_TAG: run_name, **(tags or {})}
@@ -96,22 +104,36 @@ def find_or_create_run(
     return run.info.run_id, False
 
 
+def _param_text(value: Any) -> str:
+    return "None" if value is None else str(value)[:6000]
+
+
+def param_conflicts(existing: Mapping[str, str], params: Mapping[str, Any]) -> list[str]:
+    """``["key=old (now new)", ...]`` for every param whose logged value differs from ``params``."""
+    return [
+        f"{key}={existing[key]} (now {_param_text(value)})"
+        for key, value in params.items()
+        if key in existing and existing[key] != _param_text(value)
+    ]
+
+
 def log_params_once(client: MlflowClient, run_id: str, params: Mapping[str, Any]) -> None:
     """Logs params; a resumed run with a different value for one raises with the fix."""
     existing = client.get_run(run_id).data.params
-    new = []
-    for key, value in params.items():
-        text = "None" if value is None else str(value)[:6000]
-        if key in existing:
-            if existing[key] != text:
-                raise ValueError(
-                    f"run {run_id} was started with {key}={existing[key]}; resuming it with "
-                    f"{key}={text} would mix two configurations — pass a new run name (--name)"
-                )
-            continue
-        new.append(Param(key, text))
+    conflicts = param_conflicts(existing, params)
+    if conflicts:
+        raise ValueError(
+            f"run {run_id} was started with {conflicts[0]}; resuming it with another value "
+            "would mix two configurations — pass a new run name (--name)"
+        )
+    new = [Param(k, _param_text(v)) for k, v in params.items() if k not in existing]
     for start in range(0, len(new), 100):
         client.log_batch(run_id, params=new[start : start + 100])
+
+
+def set_tags(client: MlflowClient, run_id: str, tags: Mapping[str, str]) -> None:
+    """Set (or overwrite) ``tags`` in one request."""
+    client.log_batch(run_id, tags=[RunTag(k, v) for k, v in tags.items()])
 
 
 def environment_tags(workdir: str | Path | None = None) -> dict[str, str]:

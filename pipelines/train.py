@@ -10,9 +10,19 @@ Run from a checkout:
     ray job submit --working-dir . -- python -m pipelines.train --recipe imagenet-paper ...
 
 Dotted overrides (``optim.lr=0.05 train.epochs=3``) change any config value; ``--help`` lists the
-flags. The resolved config is printed first. Re-running with the same run name (``--name``,
-default ``<recipe>-<model>``) resumes the Train run from its latest checkpoint and continues the
-same MLflow run. Exit status: 0 done, 1 training failed, 2 bad configuration (nothing started).
+flags. The resolved config is printed first. Everything that can be checked without a cluster is
+checked before Ray starts: the config values, the checkpoint storage (S3 credentials and bucket),
+the dataset's manifest, a GPU request, and that a resumed MLflow run has the same config.
+
+Checkpoints go to ``<storage>/<run name>/`` at every epoch end (and every
+``train.checkpoint_every_steps`` steps); the last ``train.keep_checkpoints`` are kept. A failed
+worker restarts the worker group from the latest checkpoint (``scale.max_failures`` times).
+Re-running with the same run name (``--name``, default ``<recipe>-<model>``) resumes from the
+latest checkpoint, to the exact batch, and continues the same MLflow run.
+
+Exit status: 0 done (or already done), 1 training failed, 2 bad configuration or location
+(one line on stderr, no cluster resource taken), 130 interrupted (SIGINT/SIGTERM; re-run the same
+command to resume).
 """
 
 from __future__ import annotations
@@ -21,13 +31,16 @@ import argparse
 import json
 import math
 import os
+import re
+import signal
 import sys
 import tempfile
 import time
+import uuid
 import warnings
 from collections.abc import Sequence
 from contextlib import nullcontext
-from dataclasses import replace
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -35,10 +48,12 @@ import numpy as np
 import torch
 from torch import nn
 
+from pipelines import data as data_lib
 from pipelines import storage
 from pipelines.config import (
     ConfigError,
     JobConfig,
+    apply_overrides,
     flatten,
     from_dict,
     to_dict,
@@ -60,7 +75,17 @@ from resnet_core.optim import LRSchedule, build_sgd, scaled_lr, set_lr
 from resnet_core.transforms import IMAGENET_MEAN_RGB, IMAGENET_STD_RGB, to_float_batch
 
 DEMO_DATA = "data/synthetic-cifar"
+# The demo's synthetic dataset (created on first use): sized so that `make demo` trains to far
+# above chance within about three minutes on two CPU cores.
+DEMO_TRAIN_PER_CLASS = 500
+DEMO_VAL_PER_CLASS = 100
+# Checkpoint folders are "checkpoint-<step, 9 digits>-<attempt>": the step orders them; the
+# attempt id (new at every worker-group start) keeps a re-trained step from overwriting a
+# folder that Ray's checkpoint bookkeeping still refers to.
 CHECKPOINT_PREFIX = "checkpoint-"
+CHECKPOINT_NAME = re.compile(r"checkpoint-(\d{9})-[0-9a-f]+")
+EXIT_BAD_CONFIG = 2
+EXIT_INTERRUPTED = 130
 
 
 # ---------------------------------------------------------------------------------------------
@@ -71,10 +96,15 @@ CHECKPOINT_PREFIX = "checkpoint-"
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="resnet-train",
-        description="Train a ResNet v1 with Ray Train on Parquet shards; record it in MLflow.",
+        description="Train a ResNet v1 with Ray Train on Parquet shards; record it in MLflow. "
+        "Re-run the same command (same --name) to resume from the latest checkpoint. "
+        "Exit status: 0 done, 1 training failed, 2 bad configuration (nothing started), "
+        "130 interrupted.",
         epilog="Any config value can be overridden as section.key=value, e.g. optim.lr=0.05 "
-        "train.epochs=3 data.augment=inception schedule.kind=cosine. Sections: model, data, "
-        "optim, schedule, train, scale, run.",
+        "train.epochs=3 data.augment=inception schedule.kind=cosine "
+        "train.checkpoint_every_steps=100. Sections: model, data, optim, schedule, train, scale, "
+        "run (--print-config shows them all). MLflow store: MLFLOW_TRACKING_URI, else mlflow.db "
+        "in the current directory.",
     )
     parser.add_argument("--recipe", default="demo", choices=sorted(RECIPES), help="base recipe")
     parser.add_argument("--model", help="model name (resnet18..152, plain18/34, resnet20 ...)")
@@ -94,8 +124,6 @@ def build_parser() -> argparse.ArgumentParser:
 
 def resolve_config(args: argparse.Namespace) -> JobConfig:
     """Recipe, then flags, then dotted overrides (last wins)."""
-    from pipelines.config import apply_overrides
-
     config = build_recipe(args.recipe, args.model)
     flags = {
         "data.uri": args.data,
@@ -137,6 +165,31 @@ def absolute_locations(config: JobConfig) -> JobConfig:
     return replace(config, data=data, run=run)
 
 
+@dataclass(frozen=True)
+class StepPlan:
+    """The run's length in optimizer steps, a function of the config and the manifest only.
+
+    steps_per_epoch: steps of every full epoch (same on every rank). total_steps: the run's last
+    step (``train.max_steps`` may cut the last epoch short). epochs: epochs that run.
+    """
+
+    steps_per_epoch: int
+    total_steps: int
+    epochs: int
+
+
+def plan_steps(config: JobConfig, manifest: Manifest) -> StepPlan:
+    """Steps per epoch and in total; ValueError when the split is too small for the batch."""
+    t, world = config.train, config.scale.num_workers
+    per_epoch = data_lib.steps_per_epoch(
+        manifest, config.data.train_split, world_size=world, batch_size=t.global_batch // world
+    )
+    total = t.epochs * per_epoch
+    if t.max_steps is not None:
+        total = min(total, t.max_steps)
+    return StepPlan(per_epoch, total, math.ceil(total / per_epoch))
+
+
 # ---------------------------------------------------------------------------------------------
 # The loop on every worker
 # ---------------------------------------------------------------------------------------------
@@ -147,8 +200,6 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
     import ray.train
     import ray.train.torch
 
-    from pipelines import data as data_lib
-
     config: JobConfig = from_dict(JobConfig, loop_config["config"])
     quiet_framework_logs()
     context = ray.train.get_context()
@@ -156,7 +207,10 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
     device = ray.train.torch.get_device()
     on_gpu = device.type == "cuda"
     manifest = read_manifest(config.data.uri)
+    plan = plan_steps(config, manifest)
     t, o, d = config.train, config.optim, config.data
+    # Names this worker group's checkpoints (Ray broadcasts rank 0's name to all ranks).
+    attempt = uuid.uuid4().hex[:8]
 
     torch.manual_seed(t.seed)
     model = create_model(
@@ -172,13 +226,6 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
     use_bf16 = on_gpu and t.precision in ("auto", "bf16")
 
     batch_per_worker = t.global_batch // world
-    steps_per_epoch = data_lib.steps_per_epoch(
-        manifest, d.train_split, world_size=world, batch_size=batch_per_worker
-    )
-    total_steps = t.epochs * steps_per_epoch
-    if t.max_steps is not None:
-        total_steps = min(total_steps, t.max_steps)
-    epochs = math.ceil(total_steps / steps_per_epoch)
     lr = scaled_lr(o.lr, t.global_batch, o.reference_batch)
     optimizer = build_sgd(
         model,
@@ -188,7 +235,7 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
         nesterov=o.nesterov,
         decay_norm_and_bias=o.decay_norm_and_bias,
     )
-    schedule = make_schedule(config, lr, total_steps, steps_per_epoch)
+    schedule = make_schedule(config, lr, plan.total_steps, plan.steps_per_epoch)
     criterion = nn.CrossEntropyLoss(label_smoothing=o.label_smoothing)
     mean, std = normalization(config, manifest, device)
 
@@ -198,16 +245,20 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
         start_epoch, step = restored["epoch"], restored["step"]
         batches_done = restored["batches_in_epoch"]
         schedule.load_state_dict(restored["extra"]["schedule"])
+        # The running epoch metrics were summed over ranks when saved: rank 0 alone takes them,
+        # so the epoch-end all-reduce counts every sample once.
         epoch_state = restored["extra"].get("epoch_metrics") if rank == 0 else None
         if rank == 0:
-            say(
-                f"resumed from step {step} (epoch {start_epoch + 1}, "
-                f"{batches_done} batches into it)"
-            )
+            if step >= plan.total_steps:
+                say(f"run already complete at step {step}: nothing to train")
+            else:
+                say(
+                    f"resumed from step {step} (epoch {start_epoch + 1}, "
+                    f"{batches_done} batches into it)"
+                )
 
-    val_metrics: dict[str, float] = {}
-    for epoch in range(start_epoch, epochs):
-        epoch_steps = min(steps_per_epoch, total_steps - epoch * steps_per_epoch)
+    for epoch in range(start_epoch, plan.epochs):
+        epoch_steps = min(plan.steps_per_epoch, plan.total_steps - epoch * plan.steps_per_epoch)
         train_acc = TopKAccumulator(device=device)
         train_loss = RunningMean(device=device)
         if epoch_state is not None:
@@ -229,7 +280,7 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
             decode_num_cpus=d.decode_cpus,
             decode_concurrency=d.decode_concurrency,
             prefetch_batches=d.prefetch_batches,
-            local_shuffle_buffer_size=d.shuffle_buffer,
+            local_shuffle_buffer_size=d.shuffle_buffer or None,
             pin_memory=on_gpu,
         )
         model.train()
@@ -254,18 +305,20 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
             train_acc.update(logits.detach().float(), labels)
             train_loss.update(loss.detach().float(), labels.numel())
             window.add(loss.detach().float(), logits.detach().float(), labels)
+            # The epoch-end report below covers the last batch of an epoch.
             last_in_epoch = batch_index + 1 == epoch_steps
-            if step % t.log_every_steps == 0 and not last_in_epoch:
+            log_due = step % t.log_every_steps == 0
+            checkpoint_due = bool(t.checkpoint_every_steps) and (
+                step % t.checkpoint_every_steps == 0
+            )
+            if (log_due or checkpoint_due) and not last_in_epoch:
                 report = window.report(world, step, epoch, optimizer)
                 schedule.observe_train_error(1.0 - report["train/window_top1"])
-                checkpoint_due = (
-                    bool(t.checkpoint_every_steps) and step % t.checkpoint_every_steps == 0
-                )
                 if rank == 0:
-                    say(format_progress(report, epoch, epochs, batch_index + 1, epoch_steps))
+                    say(format_progress(report, epoch, plan.epochs, batch_index + 1, epoch_steps))
+                state = None
                 if checkpoint_due:
                     epoch_metrics = _reduced_epoch_state(train_acc, train_loss)
-                    state = None
                     if rank == 0:
                         state = training_state(
                             model,
@@ -279,9 +332,7 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
                                 "epoch_metrics": epoch_metrics,
                             },
                         )
-                    _report_with_checkpoint(report, state, step=step)
-                else:
-                    ray.train.report(report)
+                _report(report, state, checkpoint_due=checkpoint_due, step=step, attempt=attempt)
                 window = _Window(device)
             fetch_start = time.perf_counter()
         batches_done = 0
@@ -301,15 +352,13 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
             }
         )
         schedule.observe_train_error(1.0 - train_summary["top1"])
-        final_epoch = epoch + 1 == epochs
+        final_epoch = epoch + 1 == plan.epochs
         if (epoch + 1) % t.eval_every_epochs == 0 or final_epoch:
-            val_metrics = evaluate(
-                model, manifest, config, data_lib, rank, world, device, mean, std
-            )
+            val_metrics = evaluate(model, manifest, config, rank, world, device, mean, std)
             epoch_report.update(val_metrics)
             schedule.observe_val_error(val_metrics["val/error"])
         if rank == 0:
-            say(format_epoch(epoch_report, epoch, epochs))
+            say(format_epoch(epoch_report, epoch, plan.epochs))
         state = None
         if rank == 0:
             state = training_state(
@@ -321,7 +370,7 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
                 config=to_dict(config),
                 extra={"schedule": schedule.state_dict()},
             )
-        _report_with_checkpoint(epoch_report, state, step=step)
+        _report(epoch_report, state, checkpoint_due=True, step=step, attempt=attempt)
 
 
 def say(line: str) -> None:
@@ -332,14 +381,14 @@ def say(line: str) -> None:
 
 
 def quiet_framework_logs() -> None:
-    """Keep the console to our progress lines: Ray Train logs every report at INFO and Ray Data
-    announces every epoch's pipeline; both stay in Ray's log files."""
+    """Keep the console to our progress lines: Ray Data announces every epoch's pipeline and
+    that progress bars are off; its warnings still show, and everything stays in Ray's logs."""
     import logging
 
     import ray.data
 
-    logging.getLogger("ray.train").setLevel(logging.WARNING)
     logging.getLogger("ray.data").setLevel(logging.WARNING)
+    logging.getLogger("ray.data._internal.progress").setLevel(logging.ERROR)
     ray.data.DataContext.get_current().enable_progress_bars = False
 
 
@@ -359,17 +408,18 @@ class _Window:
     def report(
         self, world: int, step: int, epoch: int, optimizer: torch.optim.Optimizer
     ) -> dict[str, float]:
+        """Window metrics summed over ranks (a collective: every rank calls it)."""
         seconds = max(time.perf_counter() - self.started, 1e-9)
-        local_images = self.accuracy.compute()["count"]
+        local_images = int(self.accuracy.count)
         self.loss.all_reduce()
         self.accuracy.all_reduce()
-        summary = self.accuracy.compute()
+        count = int(self.accuracy.count)
         return {
             "step": step,
-            "train/window_loss": self.loss.compute() if summary["count"] else float("nan"),
-            "train/window_top1": summary["top1"] if summary["count"] else float("nan"),
+            "train/window_loss": self.loss.compute() if count else float("nan"),
+            "train/window_top1": self.accuracy.compute()["top1"] if count else float("nan"),
             "lr": optimizer.param_groups[0]["lr"],
-            "throughput/images_per_s": summary["count"] / seconds,
+            "throughput/images_per_s": count / seconds,
             "throughput/images_per_s_per_worker": local_images / seconds,
             "throughput/data_wait_share": self.data_seconds / seconds,
             "time/window_s": seconds,
@@ -388,11 +438,21 @@ def _reduced_epoch_state(acc: TopKAccumulator, loss: RunningMean) -> dict[str, A
     }
 
 
-def _report_with_checkpoint(metrics: dict[str, float], state: dict | None, *, step: int) -> None:
+def _report(
+    metrics: dict[str, float],
+    state: dict | None,
+    *,
+    checkpoint_due: bool,
+    step: int,
+    attempt: str,
+) -> None:
     """Every rank reports (a barrier); the rank holding ``state`` (rank 0) writes the checkpoint."""
     import ray.train
 
-    name = f"{CHECKPOINT_PREFIX}{step:09d}"
+    if not checkpoint_due:
+        ray.train.report(metrics)
+        return
+    name = f"{CHECKPOINT_PREFIX}{step:09d}-{attempt}"
     if state is None:
         ray.train.report(metrics, checkpoint=None, checkpoint_dir_name=name)
         return
@@ -410,7 +470,9 @@ def restore_latest(
 ) -> dict[str, Any] | None:
     """Load Ray's latest checkpoint, or the newest earlier one that is intact (with a warning).
 
-    Never silently restarts from scratch: if checkpoints exist and none loads, it raises.
+    ``checkpoint`` is ``ray.train.get_checkpoint()``; its siblings in the run folder at the same
+    or an earlier step are the fall-backs, newest first. Never silently restarts from scratch:
+    if checkpoints exist and none loads, it raises CheckpointError.
     """
     if checkpoint is None:
         return None
@@ -418,13 +480,18 @@ def restore_latest(
     from ray.train import Checkpoint
 
     fs = checkpoint.filesystem
-    parent = checkpoint.path.rstrip("/").rsplit("/", 1)[0]
-    latest_name = checkpoint.path.rstrip("/").rsplit("/", 1)[1]
+    parent, _, latest_name = checkpoint.path.rstrip("/").rpartition("/")
+    latest_match = CHECKPOINT_NAME.fullmatch(latest_name)
+    latest_step = int(latest_match.group(1)) if latest_match else math.inf
     infos = fs.get_file_info(pafs.FileSelector(parent))
-    names = sorted(
-        (i.base_name for i in infos if i.base_name.startswith(CHECKPOINT_PREFIX)), reverse=True
-    )
-    candidates = [n for n in names if n <= latest_name] or [latest_name]
+    earlier = [
+        (int(m.group(1)), i.base_name)
+        for i in infos
+        if (m := CHECKPOINT_NAME.fullmatch(i.base_name))
+        and i.base_name != latest_name
+        and int(m.group(1)) <= latest_step
+    ]
+    candidates = [latest_name] + [name for _, name in sorted(earlier, reverse=True)]
     problems = []
     for name in candidates:
         with tempfile.TemporaryDirectory(prefix="resnet-restore-") as tmp:
@@ -490,7 +557,6 @@ def evaluate(
     model: nn.Module,
     manifest: Manifest,
     config: JobConfig,
-    data_lib: Any,
     rank: int,
     world: int,
     device: torch.device,
@@ -549,8 +615,9 @@ def format_progress(report: dict[str, float], epoch: int, epochs: int, batch: in
 
 def format_epoch(report: dict[str, float], epoch: int, epochs: int) -> str:
     text = (
-        f"epoch {epoch + 1}/{epochs} done: train loss {report['train/loss']:.3f} "
-        f"top1 {100 * report['train/top1']:.1f}% ({report['train/epoch_samples']} images)"
+        f"epoch {epoch + 1}/{epochs} done: step {report['step']} train loss "
+        f"{report['train/loss']:.3f} top1 {100 * report['train/top1']:.1f}% "
+        f"({report['train/epoch_samples']} images)"
     )
     if "val/top1" in report:
         text += (
@@ -561,41 +628,117 @@ def format_epoch(report: dict[str, float], epoch: int, epochs: int) -> str:
 
 
 # ---------------------------------------------------------------------------------------------
-# The driver: validate, connect, fit, log the model
+# The driver: check everything, connect, fit, log the model
 # ---------------------------------------------------------------------------------------------
 
 
-def check_before_start(config: JobConfig) -> Manifest:
-    """Everything checkable without taking cluster resources; ConfigError/ManifestError/…"""
-    validate(config, model_names_ok=_is_model_name)
+def check_locations(config: JobConfig) -> None:
+    """Checkpoint storage writable and dataset location readable (S3: credentials + bucket)."""
     storage.check_writable(config.run.storage_path)
-    manifest = read_manifest(config.data.uri)
-    manifest.split(config.data.train_split)
-    manifest.split(config.data.val_split)
-    if config.scale.use_gpu and not os.environ.get("RAY_ADDRESS") and not torch.cuda.is_available():
+    if storage.is_s3(config.data.uri):
+        storage.check_readable(config.data.uri)
+
+
+def check_model(config: JobConfig) -> None:
+    """Build the model on the meta device (no memory, no compute): catches option mismatches
+    such as a shortcut on a plain net before any worker tries."""
+    try:
+        with torch.device("meta"):
+            create_model(config.model.name, **model_options(config))
+    except ValueError as e:
+        raise ConfigError(f"model options do not fit {config.model.name}: {e}") from None
+
+
+def check_gpu_locally(config: JobConfig, address: str | None) -> None:
+    """A GPU request without a cluster to attach to needs CUDA on this machine."""
+    attached = address or os.environ.get("RAY_ADDRESS")
+    if config.scale.use_gpu and not attached and not torch.cuda.is_available():
         raise ConfigError(
             "scale.use_gpu=true but this machine has no CUDA GPU and no cluster is attached "
-            "(RAY_ADDRESS); drop --gpu or submit to a GPU cluster"
+            "(--address / RAY_ADDRESS); drop --gpu or submit to a GPU cluster"
         )
-    return manifest
+
+
+def check_dataset(config: JobConfig) -> tuple[Manifest, StepPlan]:
+    """The manifest, its splits, and that the recipe fits the dataset."""
+    d = config.data
+    manifest = read_manifest(d.uri)
+    manifest.split(d.train_split)
+    if manifest.num_rows(d.val_split) == 0:
+        raise ConfigError(f"data.val_split={d.val_split!r} of {d.uri} has no images")
+    if d.augment not in data_lib.TRAIN_MODES:
+        raise ConfigError(
+            f"data.augment={d.augment!r} is not supported by the streaming reader; use one of "
+            f"{data_lib.TRAIN_MODES}"
+        )
+    if d.mean == "per_pixel" and manifest.mean_image_uri is None:
+        raise ConfigError(f"data.mean=per_pixel but {d.uri} has no mean image; use per_channel")
+    if (d.mean == "per_channel" or (d.normalize_std and d.mean != "imagenet")) and (
+        manifest.pixel_mean_rgb is None or manifest.pixel_std_rgb is None
+    ):
+        raise ConfigError(f"data.mean={d.mean} needs pixel statistics, {d.uri} has none")
+    try:
+        plan = plan_steps(config, manifest)
+    except ValueError as e:
+        raise ConfigError(f"train.global_batch={config.train.global_batch}: {e}") from None
+    return manifest, plan
+
+
+def check_resumable(config: JobConfig) -> None:
+    """A run of this name in the MLflow store must have been started with the same config."""
+    from mlflow.tracking import MlflowClient
+
+    from pipelines import tracking
+
+    client = MlflowClient(tracking_uri=tracking.tracking_uri())
+    experiment = client.get_experiment_by_name(config.run.experiment)
+    if experiment is None:
+        return
+    run = tracking.find_run(client, experiment.experiment_id, config.run_name)
+    if run is None:
+        return
+    conflicts = tracking.param_conflicts(run.data.params, flatten(config))
+    if conflicts:
+        raise ConfigError(
+            f"run {config.run_name!r} (MLflow run {run.info.run_id}) was started with "
+            f"{conflicts[0]}; resuming it with another config would mix two runs — pass a new "
+            "--name, or the original values"
+        )
 
 
 def ensure_demo_data(config: JobConfig) -> None:
-    """The embedded default: create the synthetic shards on first use."""
+    """The embedded default: create the synthetic shards on first use (Ray must be up)."""
     from pipelines import prepare
 
     uri = config.data.uri
-    if Path(uri).joinpath("manifest.json").exists():
-        return
     print(f"no dataset at {uri}: creating the synthetic demo shards there (one time)", flush=True)
-    status = prepare.main(["synthetic", "--kind", "cifar", "--out", uri])
+    status = prepare.main(
+        [
+            "synthetic",
+            "--kind", "cifar",
+            "--train-per-class", str(DEMO_TRAIN_PER_CLASS),
+            "--val-per-class", str(DEMO_VAL_PER_CLASS),
+            "--out", uri,
+        ]
+    )  # fmt: skip
     if status != 0:
         raise ManifestError(f"creating the demo dataset at {uri} failed (exit {status})")
 
 
+def needs_demo_data(config: JobConfig) -> bool:
+    """The demo recipe on its default location, not created yet."""
+    uri = config.data.uri
+    return (
+        config.recipe == "demo"
+        and uri == storage.absolute_uri(DEMO_DATA)
+        and not Path(uri, "manifest.json").exists()
+    )
+
+
 def start_ray(config: JobConfig, address: str | None) -> bool:
     """Attach to a cluster (``--address`` or ``RAY_ADDRESS``), else start a local Ray sized for
-    the workers plus decode tasks. Returns True when this process started Ray."""
+    the workers plus decode tasks; then check the cluster can ever host the GPU workers.
+    Returns True when this process connected (and must disconnect)."""
     import ray
 
     if ray.is_initialized():
@@ -607,22 +750,68 @@ def start_ray(config: JobConfig, address: str | None) -> bool:
         needed = sc.num_workers * (sc.cpus_per_worker + d.decode_cpus)
         # The dashboard stays on loopback; Train's placement-group cleaner needs its state API.
         ray.init(num_cpus=max(os.cpu_count() or 1, math.ceil(needed)), dashboard_host="127.0.0.1")
-    if config.scale.use_gpu:
-        gpus = ray.cluster_resources().get("GPU", 0)
-        if gpus < config.scale.num_workers * config.scale.gpus_per_worker:
-            raise ConfigError(
-                f"scale.use_gpu=true with {config.scale.num_workers} workers needs "
-                f"{config.scale.num_workers * config.scale.gpus_per_worker:g} GPUs but the cluster "
-                f"has {gpus:g}; add GPU nodes or lower --workers"
-            )
+    try:
+        check_cluster_gpus(config)
+    except ConfigError:
+        ray.shutdown()
+        raise
     return True
 
 
-def run_training(config: JobConfig, manifest: Manifest) -> dict[str, float]:
-    """Fit the TorchTrainer under MLflow; returns the final metrics."""
+def check_cluster_gpus(config: JobConfig) -> None:
+    """GPU workers need GPUs now, or in the autoscaler's node types."""
+    import ray
+    from ray._private import state as ray_state
+
+    sc = config.scale
+    if not sc.use_gpu:
+        return
+    needed = sc.num_workers * sc.gpus_per_worker
+    now = ray.cluster_resources().get("GPU", 0)
+    # The upper bound an autoscaling cluster can reach (what Ray Train itself checks, via the
+    # same private helper); None on a fixed cluster.
+    reachable = (ray_state.state.get_max_resources_from_cluster_config() or {}).get("GPU", 0)
+    if max(now, reachable) < needed:
+        raise ConfigError(
+            f"scale.use_gpu=true with {sc.num_workers} workers needs {needed:g} GPUs but the "
+            f"cluster has {max(now, reachable):g}; drop --gpu, lower --workers or add GPU nodes"
+        )
+
+
+def cluster_tags(config: JobConfig) -> dict[str, str]:
+    """The cluster shape the run used (the last one, for a resumed run)."""
+    import ray
+
+    resources = ray.cluster_resources()
+    sc = config.scale
+    return {
+        "cluster.nodes": str(sum(1 for n in ray.nodes() if n.get("Alive"))),
+        "cluster.cpus": f"{resources.get('CPU', 0):g}",
+        "cluster.gpus": f"{resources.get('GPU', 0):g}",
+        "cluster.workers": str(sc.num_workers),
+        "cluster.use_gpu": str(sc.use_gpu),
+        "cluster.cpus_per_worker": f"{sc.cpus_per_worker:g}",
+    }
+
+
+class TrainingInterrupted(Exception):
+    """SIGINT or SIGTERM stopped the run; its checkpoints stay and a re-run resumes it."""
+
+
+def run_training(config: JobConfig, manifest: Manifest, plan: StepPlan) -> dict[str, Any]:
+    """Fit the TorchTrainer under MLflow; returns the final metrics (plus ``mlflow_run_id``).
+
+    The MLflow run ends FINISHED when every step is done, FAILED otherwise (also on interrupt).
+    """
     import pyarrow.fs as pafs
     from mlflow.tracking import MlflowClient
-    from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
+    from ray.train import (
+        CheckpointConfig,
+        FailureConfig,
+        LoggingConfig,
+        RunConfig,
+        ScalingConfig,
+    )
     from ray.train.torch import TorchTrainer
 
     from pipelines import tracking
@@ -632,47 +821,67 @@ def run_training(config: JobConfig, manifest: Manifest) -> dict[str, float]:
     experiment_id = tracking.ensure_experiment(client, config.run.experiment, uri)
     tags = {
         **tracking.environment_tags(),
+        **cluster_tags(config),
         "recipe": config.recipe,
         "model": config.model.name,
         "dataset.checksum": manifest.checksum,
-        "dataset.uri": tracking.strip_userinfo(config.data.uri),
-        "cluster.workers": str(config.scale.num_workers),
-        "cluster.use_gpu": str(config.scale.use_gpu),
+        "dataset.uri": storage.redact(config.data.uri),
+        "plan.steps_per_epoch": str(plan.steps_per_epoch),
+        "plan.total_steps": str(plan.total_steps),
     }
     run_id, resumed = tracking.find_or_create_run(client, experiment_id, config.run_name, tags=tags)
-    tracking.log_params_once(client, run_id, flatten(config))
-    print(
-        f"MLflow run {run_id} ({'resumed' if resumed else 'new'}) in {tracking.strip_userinfo(uri)}"
-    )
-
-    fs, path = storage.resolve(config.run.storage_path)
-    storage_fs = None if isinstance(fs, pafs.LocalFileSystem) else fs
-    sc = config.scale
-    trainer = TorchTrainer(
-        train_loop_per_worker,
-        train_loop_config={"config": to_dict(config)},
-        scaling_config=ScalingConfig(
-            num_workers=sc.num_workers,
-            use_gpu=sc.use_gpu,
-            resources_per_worker={
-                "CPU": sc.cpus_per_worker,
-                **({"GPU": sc.gpus_per_worker} if sc.use_gpu else {}),
-            },
-        ),
-        run_config=RunConfig(
-            name=config.run_name,
-            storage_path=path if storage_fs is not None else config.run.storage_path,
-            storage_filesystem=storage_fs,
-            failure_config=FailureConfig(max_failures=sc.max_failures, controller_failure_limit=3),
-            checkpoint_config=CheckpointConfig(num_to_keep=config.train.keep_checkpoints),
-            callbacks=[tracking.MlflowReporter(uri, run_id)],
-        ),
-    )
     try:
+        if resumed:
+            tracking.set_tags(client, run_id, tags)
+        tracking.log_params_once(client, run_id, flatten(config))
+        print(
+            f"MLflow run {run_id} ({'resumed' if resumed else 'new'}) in "
+            f"{tracking.strip_userinfo(uri)}",
+            flush=True,
+        )
+        fs, path = storage.resolve(config.run.storage_path)
+        local = isinstance(fs, pafs.LocalFileSystem)
+        sc = config.scale
+        trainer = TorchTrainer(
+            train_loop_per_worker,
+            train_loop_config={"config": to_dict(config)},
+            scaling_config=ScalingConfig(
+                num_workers=sc.num_workers,
+                use_gpu=sc.use_gpu,
+                resources_per_worker={
+                    "CPU": sc.cpus_per_worker,
+                    **({"GPU": sc.gpus_per_worker} if sc.use_gpu else {}),
+                },
+            ),
+            run_config=RunConfig(
+                name=config.run_name,
+                storage_path=config.run.storage_path if local else path,
+                storage_filesystem=None if local else fs,
+                failure_config=FailureConfig(
+                    max_failures=sc.max_failures, controller_failure_limit=3
+                ),
+                checkpoint_config=CheckpointConfig(num_to_keep=config.train.keep_checkpoints),
+                callbacks=[tracking.MlflowReporter(uri, run_id)],
+                # Ray Train's INFO lines (one per report) stay in its log files.
+                logging_config=LoggingConfig(log_level="WARNING"),
+            ),
+        )
         result = trainer.fit()
         metrics = dict(result.metrics or {})
-        if result.checkpoint is not None:
+        reached = int(metrics.get("step", 0))
+        if reached < plan.total_steps:
+            raise RuntimeError(
+                f"training stopped at step {reached} of {plan.total_steps} without an error; "
+                "re-run the same command to resume"
+            )
+        if client.get_run(run_id).data.tags.get(tracking.FINAL_MODEL_TAG) is None:
             log_final_model(uri, run_id, config, manifest, result.checkpoint)
+    except (KeyboardInterrupt, SystemExit) as e:
+        # SIGINT: Ray Train aborts the run and exits; SIGTERM: our handler (see main).
+        client.set_terminated(run_id, "FAILED")
+        # Ray Train's SIGINT handler ends with sys.exit; our SIGTERM handler names the signal.
+        name = str(e) if isinstance(e, KeyboardInterrupt) and str(e) else "SIGINT"
+        raise TrainingInterrupted(f"interrupted ({name})") from None
     except BaseException:
         client.set_terminated(run_id, "FAILED")
         raise
@@ -687,7 +896,10 @@ def log_final_model(
     """The final weights as safetensors + config JSON, and the MLflow model (torch.export
     format, no pickle) with signature and input example, registered under a name."""
     import mlflow
+    from mlflow.models import infer_signature
     from mlflow.tracking import MlflowClient
+
+    from pipelines import tracking
 
     client = MlflowClient(tracking_uri=uri)
     with tempfile.TemporaryDirectory(prefix="resnet-final-") as tmp:
@@ -711,53 +923,81 @@ def log_final_model(
         client.log_artifacts(run_id, tmp, artifact_path="final")
     size = config.data.image_size
     # Batch 2: torch.export would specialise a batch of 1 to a constant (0/1 specialisation).
+    # The model takes normalised float images (see to_float_batch) and returns class logits.
     example = np.zeros((2, 3, size, size), dtype=np.float32)
+    with torch.no_grad():
+        logits = model(torch.from_numpy(example)).numpy()
     registered = config.run.registered_model or f"resnet-ray-{config.model.name}"
     mlflow.set_tracking_uri(uri)
     with mlflow.start_run(run_id=run_id):
-        mlflow.pytorch.log_model(
+        info = mlflow.pytorch.log_model(
             model,
             name="model",
+            signature=infer_signature(example, logits),
             input_example=example,
             registered_model_name=registered,
             serialization_format="pt2",
         )
+    client.set_tag(run_id, tracking.FINAL_MODEL_TAG, info.model_uri)
+
+
+def _raise_interrupt(signum: int, frame: Any) -> None:
+    raise KeyboardInterrupt(signal.Signals(signum).name)
+
+
+def _fail(message: object, status: int) -> SystemExit:
+    print(f"resnet-train: {message}", file=sys.stderr, flush=True)
+    return SystemExit(status)
 
 
 def main(argv: Sequence[str] | None = None) -> float:
-    """Run the job; returns the final validation top-1 (also printed). Exits 2 on bad config."""
+    """Run the job; returns the final validation top-1 (also printed).
+
+    Raises SystemExit: 2 on a bad configuration or location (before any cluster resource is
+    taken), 130 when interrupted.
+    """
     args = build_parser().parse_args(argv)
     try:
         config = absolute_locations(resolve_config(args))
         validate(config, model_names_ok=_is_model_name)
     except (ConfigError, ValueError) as e:
-        print(f"resnet-train: {e}", file=sys.stderr)
-        raise SystemExit(2) from None
+        raise _fail(e, EXIT_BAD_CONFIG) from None
     print("resolved config:\n" + json.dumps(to_dict(config), indent=2), flush=True)
     if args.print_config:
         return float("nan")
     import ray
 
+    from pipelines import tracking
+
+    previous_sigterm = signal.signal(signal.SIGTERM, _raise_interrupt)
     started = False
     try:
-        if config.data.uri == storage.absolute_uri(DEMO_DATA) and config.recipe == "demo":
+        check_model(config)
+        check_locations(config)
+        check_gpu_locally(config, args.address)
+        check_resumable(config)
+        if needs_demo_data(config):
             started = start_ray(config, args.address)
             ensure_demo_data(config)
-        manifest = check_before_start(config)
+        manifest, plan = check_dataset(config)
         started = start_ray(config, args.address) or started
-        metrics = run_training(config, manifest)
-    except (ConfigError, ManifestError, storage.StorageError, CheckpointError) as e:
-        print(f"resnet-train: {e}", file=sys.stderr)
-        raise SystemExit(2) from None
+        metrics = run_training(config, manifest, plan)
+    except (ConfigError, ManifestError, storage.StorageError) as e:
+        raise _fail(e, EXIT_BAD_CONFIG) from None
+    except (TrainingInterrupted, KeyboardInterrupt) as e:
+        why = str(e) if isinstance(e, TrainingInterrupted) else f"interrupted ({e or 'SIGINT'})"
+        raise _fail(
+            f"{why}; checkpoints are kept — re-run the same command to resume", EXIT_INTERRUPTED
+        ) from None
     finally:
         if started:
             ray.shutdown()
-    from pipelines import tracking
+        signal.signal(signal.SIGTERM, previous_sigterm)
 
     top1 = float(metrics.get("val/top1", float("nan")))
     print(f"final validation top-1: {100 * top1:.2f}% ({metrics.get('val/count', 0)} images)")
     print(f"MLflow run: {metrics['mlflow_run_id']}")
-    print(f"open the MLflow UI: {tracking.ui_command(tracking.tracking_uri())}")
+    print(f"open the MLflow UI: {tracking.ui_command(tracking.tracking_uri())}", flush=True)
     return top1
 
 

@@ -1,0 +1,1 @@
+"""Ray- and MLflow-aware commands of resnet-ray: prepare, data, train, tune, evaluate, bench."""

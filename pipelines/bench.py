@@ -1,0 +1,357 @@
+"""resnet-bench: benchmarks that print ratios measured side by side in one run.
+
+    python -m pipelines.bench data --images /work/shared/data/imagenet-sample --seconds 10
+
+``data`` compares, per CPU core, the CPU side of ImageNet training input pipelines on the same
+JPEGs: torchvision's classic ImageFolder pipeline (PIL open -> RandomResizedCrop(224) -> flip ->
+ToTensor -> Normalize, float on the CPU) against ours (``resnet_core.transforms.decode_crop``:
+draft decoding, one resample, uint8 out; the float part runs on the GPU), the full-decode ceiling,
+and ours on the same images re-encoded to max side 320 (FFCV-style, in memory, with resnet-prepare's
+re-encoder). Then it streams prepared shards end to end through Ray Data (``pipelines.data``)
+and reports images/s and images/s per CPU of the local Ray.
+
+Per-core figures are images per CPU second of this process (``time.process_time``, one torch
+thread), so other load on the machine changes them little; pipelines run interleaved in rounds,
+over the same images in the same order. The Ray figure is wall-clock and more sensitive to load.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import io
+import os
+import sys
+import tempfile
+import time
+from collections.abc import Callable, Sequence
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image
+
+from pipelines.audit import audit_image
+from pipelines.sources import IMG_EXTENSIONS
+from resnet_core.transforms import (
+    IMAGENET_MEAN_RGB,
+    IMAGENET_STD_RGB,
+    RandomResizedCrop,
+    ScaleAugment,
+    decode_crop,
+)
+
+BASELINE = "torchvision_classic"
+RE_ENCODE_MAX_SIDE = 320  # FFCV-style re-encoding of the (e) pipeline and the small shards
+# Targets of the data pipeline (ours vs the classic pipeline, per core).
+TARGETS = {"ours_paper": 1.8, "ours_paper_320": 4.0}
+RAY_TASK_ROWS = 128  # decode task size of the Ray run: small enough to keep every CPU busy
+
+
+class BenchError(ValueError):
+    """A bad command-line value; the message is one line naming the value and the fix."""
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="resnet-bench", description="Benchmarks that print side-by-side ratios."
+    )
+    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    data = commands.add_parser("data", help="CPU input pipeline: ours vs torchvision, per core")
+    data.add_argument("--images", required=True, help="folder of JPEGs (searched recursively)")
+    data.add_argument(
+        "--seconds", type=float, default=10.0, help="CPU seconds per per-core pipeline"
+    )
+    data.add_argument(
+        "--shards",
+        action="append",
+        help="prepared dataset(s) for the Ray Data run (repeatable); default: prepare temporary "
+        f"full-size and max-side-{RE_ENCODE_MAX_SIDE} shards from --images",
+    )
+    data.add_argument("--split", default="train", help="split of --shards to stream")
+    data.add_argument("--batch-size", type=int, default=32, help="Ray Data run batch size")
+    data.add_argument("--num-cpus", type=int, help="CPUs of the local Ray (default: all)")
+    data.add_argument(
+        "--ray-rows",
+        type=int,
+        default=1024,
+        help="rows of the temporary shards (the images repeated), so Ray epochs are timeable",
+    )
+    return parser
+
+
+# ---------------------------------------------------------------------------------------------
+# resnet-bench data
+# ---------------------------------------------------------------------------------------------
+
+
+def find_images(folder: Path) -> list[Path]:
+    """Image files under ``folder`` (recursively, common extensions, any case), sorted."""
+    paths = sorted(
+        p for p in folder.rglob("*") if p.is_file() and p.suffix.lower() in IMG_EXTENSIONS
+    )
+    if not paths:
+        raise BenchError(f"no images under {folder}: pass --images a folder of JPEG files")
+    return paths
+
+
+def per_core_pipelines(
+    paths: Sequence[Path], datas: Sequence[bytes], small_datas: Sequence[bytes], seed: int = 0
+) -> dict[str, Callable[[int], object]]:
+    """The per-core pipelines, each a function of an image index (same images for all)."""
+    from torchvision import transforms
+    from torchvision.datasets.folder import pil_loader
+
+    classic = transforms.Compose(
+        [
+            transforms.RandomResizedCrop(224),
+            transforms.RandomHorizontalFlip(),
+            transforms.ToTensor(),
+            transforms.Normalize(IMAGENET_MEAN_RGB, IMAGENET_STD_RGB),
+        ]
+    )
+    rng = np.random.default_rng(seed)
+    paper = ScaleAugment()
+    inception = RandomResizedCrop()
+
+    def full_decode(data: bytes) -> Image.Image:
+        with Image.open(io.BytesIO(data)) as img:
+            return img.convert("RGB")
+
+    return {
+        BASELINE: lambda i: classic(pil_loader(str(paths[i]))),
+        "ours_paper": lambda i: decode_crop(datas[i], paper, rng),
+        "ours_inception": lambda i: decode_crop(datas[i], inception, rng),
+        "full_decode": lambda i: full_decode(datas[i]),
+        "ours_paper_320": lambda i: decode_crop(small_datas[i], paper, rng),
+    }
+
+
+def measure_per_core(
+    pipelines: dict[str, Callable[[int], object]],
+    num_images: int,
+    seconds: float,
+    rounds: int = 5,
+) -> dict[str, float]:
+    """Images per CPU second of each pipeline. Pipelines take turns in ``rounds`` rounds of
+    ``seconds / rounds`` each, so a change of machine load hits them alike; each walks the
+    images in order from where its previous turn stopped."""
+    images = dict.fromkeys(pipelines, 0)
+    cpu_seconds = dict.fromkeys(pipelines, 0.0)
+    for fn in pipelines.values():  # warm-up: imports, first-call allocations
+        fn(0)
+    for _ in range(rounds):
+        for name, fn in pipelines.items():
+            start = time.process_time()
+            while time.process_time() - start < seconds / rounds:
+                fn(images[name] % num_images)
+                images[name] += 1
+            cpu_seconds[name] += time.process_time() - start
+    return {name: images[name] / cpu_seconds[name] for name in pipelines}
+
+
+def prepare_shards(
+    image_paths: Sequence[Path], workdir: Path, *, max_side: int | None, min_rows: int
+) -> str:
+    """A one-class dataset written by resnet-prepare (its output hidden) from ``image_paths``,
+    repeated until it has at least ``min_rows`` rows, so epochs are long enough to time."""
+    from pipelines import prepare
+
+    src = workdir / "src" / "images"
+    if not src.exists():
+        src.mkdir(parents=True)
+        copies = -(-min_rows // len(image_paths))
+        for copy in range(copies):
+            for i, path in enumerate(image_paths):
+                (src / f"{copy:03d}-{i:06d}{path.suffix.lower()}").symlink_to(path.resolve())
+    out = workdir / ("shards" if max_side is None else f"shards-{max_side}")
+    argv = ["folder", "--src", str(src.parent), "--out", str(out), "--max-skipped", "0.5"]
+    if max_side is not None:
+        argv += ["--max-side", str(max_side)]
+    log = io.StringIO()
+    with contextlib.redirect_stdout(log), contextlib.redirect_stderr(log):
+        status = prepare.main(argv)
+    if status != 0:
+        raise RuntimeError(f"resnet-prepare failed (exit {status}):\n{log.getvalue()}")
+    return str(out)
+
+
+def process_tree_cpu_seconds() -> float | None:
+    """CPU seconds (user + system) used so far by this process and all its descendants, reaped
+    children included; None without Linux's /proc. A local Ray started by this process (GCS,
+    raylet, workers) is among the descendants."""
+    proc = Path("/proc")
+    if not (proc / "self" / "stat").exists():
+        return None
+    ticks = os.sysconf("SC_CLK_TCK")
+    parents, seconds = {}, {}
+    for entry in proc.iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            # Fields after the ")" closing the command name: state ppid ... utime stime cutime cstime
+            fields = (entry / "stat").read_text().rsplit(")", 1)[1].split()
+        except OSError:  # the process ended meanwhile
+            continue
+        pid = int(entry.name)
+        parents[pid] = int(fields[1])
+        seconds[pid] = sum(int(v) for v in fields[11:15]) / ticks
+    tree, frontier = set(), {os.getpid()}
+    while frontier:
+        tree |= frontier
+        frontier = {pid for pid, parent in parents.items() if parent in frontier} - tree
+    return sum(seconds.get(pid, 0.0) for pid in tree)
+
+
+def measure_ray(
+    uri: str, split: str, *, batch_size: int, seconds: float
+) -> tuple[float, int, float | None]:
+    """End-to-end throughput of the paper augmentation streamed from shards through Ray Data
+    (``pipelines.data.iter_batches``, one worker), over whole epochs after a warm-up epoch.
+
+    Returns (images per wall second, images timed, CPU seconds they took in this process and its
+    descendants, or None where that cannot be measured).
+    """
+    from pipelines import data
+    from pipelines.manifest import read_manifest
+
+    manifest = read_manifest(uri)
+
+    def epoch_images(epoch: int) -> int:
+        batches = data.iter_batches(
+            manifest,
+            split=split,
+            mode="paper",
+            world_size=1,
+            rank=0,
+            epoch=epoch,
+            seed=0,
+            batch_size=batch_size,
+            image_size=224,
+            task_rows=RAY_TASK_ROWS,
+            map_batch_rows=RAY_TASK_ROWS // 4,
+        )
+        return sum(len(labels) for _, labels in batches)
+
+    epoch_images(0)  # warm-up: Ray worker processes, imports
+    images, epoch = 0, 1
+    cpu_start = process_tree_cpu_seconds()
+    start = time.perf_counter()
+    while images == 0 or time.perf_counter() - start < seconds:
+        images += epoch_images(epoch)
+        epoch += 1
+    wall = time.perf_counter() - start
+    cpu_end = process_tree_cpu_seconds()
+    cpu = cpu_end - cpu_start if cpu_start is not None and cpu_end is not None else None
+    return images / wall, images, cpu
+
+
+def run_data_bench(
+    images: Path,
+    *,
+    seconds: float,
+    shards: Sequence[str] | None,
+    split: str,
+    batch_size: int,
+    num_cpus: int | None,
+    min_rows: int = 1024,
+) -> dict[str, float]:
+    """Run ``resnet-bench data``, print its table and ratio lines; return images/s per name."""
+    paths = find_images(images)
+    torch.set_num_threads(1)
+    audited = [audit_image(p.read_bytes()) for p in paths]
+    small = [audit_image(p.read_bytes(), max_side=RE_ENCODE_MAX_SIDE) for p in paths]
+    usable = [i for i, (a, s) in enumerate(zip(audited, small, strict=True)) if a.data and s.data]
+    if not usable:
+        raise BenchError(f"none of the {len(paths)} files under {images} is a usable image")
+    paths = [paths[i] for i in usable]
+    sizes = [(audited[i].width, audited[i].height) for i in usable]
+    print(
+        f"resnet-bench data: {len(paths)} images from {images} "
+        f"(median {int(np.median([w for w, _ in sizes]))}x{int(np.median([h for _, h in sizes]))}"
+        f"{f', {len(audited) - len(usable)} unusable skipped' if len(usable) < len(audited) else ''})"
+        f"; {seconds:g} CPU s per pipeline, 1 thread",
+        flush=True,
+    )
+    pipelines = per_core_pipelines(
+        paths, [audited[i].data for i in usable], [small[i].data for i in usable]
+    )
+    rates = measure_per_core(pipelines, len(paths), seconds)
+    for name, rate in rates.items():
+        print(f"  {name:<22} {rate:8.1f} img/s per core", flush=True)
+    for name in ("ours_paper", "ours_inception", "full_decode", "ours_paper_320"):
+        _print_ratio(name, rates[name] / rates[BASELINE])
+
+    import ray
+
+    started = not ray.is_initialized()
+    if started:
+        ray.init(num_cpus=num_cpus, include_dashboard=False, log_to_driver=False)
+    try:
+        cpus = ray.cluster_resources().get("CPU", 1.0)
+        with tempfile.TemporaryDirectory(prefix="resnet-bench-") as tmp:
+            if shards:
+                runs = {f"ray_{Path(uri).name}": uri for uri in shards}
+            else:
+                work = Path(tmp)
+                runs = {
+                    "ray_paper": prepare_shards(paths, work, max_side=None, min_rows=min_rows),
+                    "ray_paper_320": prepare_shards(
+                        paths, work, max_side=RE_ENCODE_MAX_SIDE, min_rows=min_rows
+                    ),
+                }
+            for name, uri in runs.items():
+                rate, count, cpu = measure_ray(uri, split, batch_size=batch_size, seconds=seconds)
+                # Per CPU: images per CPU second of the driver and every local Ray process when
+                # this run started Ray (robust to other load), else wall rate / cluster CPUs.
+                per_cpu = count / cpu if started and cpu else rate / cpus
+                how = "per CPU second, all Ray processes" if started and cpu else "per CPU"
+                rates[name] = rate
+                rates[f"{name}_per_cpu"] = per_cpu
+                print(
+                    f"  {name:<22} {rate:8.1f} img/s end to end on {cpus:g} CPUs "
+                    f"({count} images, Ray Data); {per_cpu:.1f} img/s {how}",
+                    flush=True,
+                )
+                _print_ratio(f"{name}_per_cpu", per_cpu / rates[BASELINE])
+    finally:
+        if started:
+            ray.shutdown()
+    for name, target in TARGETS.items():
+        ratio = rates[name] / rates[BASELINE]
+        verdict = "met" if ratio >= target else "missed"
+        print(f"target {name}/{BASELINE} >= {target:g}x: {verdict} ({ratio:.2f}x)")
+    return rates
+
+
+def _print_ratio(name: str, ratio: float) -> None:
+    print(f"ratio {name}/{BASELINE}: {ratio:.2f}x", flush=True)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Run a benchmark; exit status 0, or 2 for a bad argument (one line on stderr)."""
+    args = _parser().parse_args(argv)
+    try:
+        if args.command == "data":
+            if args.seconds <= 0 or args.batch_size < 1 or args.ray_rows < 1:
+                raise BenchError(
+                    f"--seconds {args.seconds}, --batch-size {args.batch_size} and --ray-rows "
+                    f"{args.ray_rows} must be positive"
+                )
+            run_data_bench(
+                Path(args.images),
+                seconds=args.seconds,
+                shards=args.shards,
+                split=args.split,
+                batch_size=args.batch_size,
+                num_cpus=args.num_cpus,
+                min_rows=args.ray_rows,
+            )
+    except BenchError as e:
+        print(f"resnet-bench: {e}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,69 @@
+# Shared pytest fixtures. Other test files may add fixtures here; keep them real (a local Ray, an
+# S3 server on loopback), small, and torn down after use.
+from __future__ import annotations
+
+import logging
+import socket
+from collections.abc import Iterator
+
+import pytest
+
+
+@pytest.fixture(scope="module")
+def ray_local() -> Iterator[object]:
+    """A local Ray (2 CPUs, no dashboard, no token auth) shared by one test module.
+
+    Ray workers inherit the environment of the moment Ray starts: request fixtures that set
+    environment variables for workers (such as ``s3_server``) before this one.
+    """
+    import ray
+
+    with pytest.MonkeyPatch.context() as env:
+        env.setenv("RAY_AUTH_MODE", "disabled")
+        context = ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
+        try:
+            yield context
+        finally:
+            ray.shutdown()
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def s3_server() -> Iterator[str]:
+    """A real S3 endpoint on loopback (moto's ThreadedMotoServer); yields its URL.
+
+    While it runs, the environment holds dummy credentials, region us-east-1 and
+    ``AWS_ENDPOINT_URL`` pointing at it (restored afterwards); shared AWS config files are
+    hidden and the EC2 metadata lookup is off, so nothing reaches a real AWS account.
+    """
+    from moto.server import ThreadedMotoServer
+
+    logging.getLogger("werkzeug").setLevel(logging.ERROR)  # one log line per request otherwise
+    port = _free_port()
+    server = ThreadedMotoServer(ip_address="127.0.0.1", port=port, verbose=False)
+    server.start()
+    endpoint = f"http://127.0.0.1:{port}"
+    with pytest.MonkeyPatch.context() as env:
+        for name in (
+            "AWS_PROFILE",
+            "AWS_SESSION_TOKEN",
+            "AWS_ENDPOINT_URL_S3",
+            "AWS_DEFAULT_REGION",
+        ):
+            env.delenv(name, raising=False)
+        env.setenv("AWS_ACCESS_KEY_ID", "testing")
+        env.setenv("AWS_SECRET_ACCESS_KEY", "testing")
+        env.setenv("AWS_REGION", "us-east-1")
+        env.setenv("AWS_ENDPOINT_URL", endpoint)
+        env.setenv("AWS_EC2_METADATA_DISABLED", "true")
+        env.setenv("AWS_CONFIG_FILE", "/nonexistent/aws-config")
+        env.setenv("AWS_SHARED_CREDENTIALS_FILE", "/nonexistent/aws-credentials")
+        try:
+            yield endpoint
+        finally:
+            server.stop()

@@ -1,0 +1,85 @@
+"""`resnet-bench data` end to end on a few generated JPEGs (no timing is asserted)."""
+
+from __future__ import annotations
+
+import os
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from pipelines import bench
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _write_jpegs(folder: Path, count: int) -> None:
+    rng = np.random.default_rng(0)
+    for i in range(count):
+        width, height = int(rng.integers(300, 520)), int(rng.integers(240, 400))
+        # Smooth gradients plus noise: compresses like a photo, unlike pure noise.
+        y, x = np.mgrid[0:height, 0:width]
+        base = np.stack(
+            [x * 255 // width, y * 255 // height, (x + y) * 127 // (width + height)], -1
+        )
+        noise = rng.integers(-20, 20, base.shape)
+        pixels = np.clip(base + noise, 0, 255).astype(np.uint8)
+        Image.fromarray(pixels).save(folder / f"img_{i:02d}.JPEG", quality=90)
+
+
+@pytest.mark.slow
+def test_bench_data_prints_every_ratio(tmp_path):
+    images = tmp_path / "images"
+    images.mkdir()
+    _write_jpegs(images, 6)
+    env = {**os.environ, "RAY_AUTH_MODE": "disabled", "PYTHONPATH": str(ROOT)}
+    command = [
+        sys.executable, "-m", "pipelines.bench", "data", "--images", str(images),
+        "--seconds", "0.3", "--ray-rows", "24", "--batch-size", "4", "--num-cpus", "2",
+    ]  # fmt: skip
+    run = subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    assert run.returncode == 0, run.stderr[-3000:]
+    out = run.stdout
+    assert "6 images from" in out
+    for name in (
+        "ours_paper",
+        "ours_inception",
+        "full_decode",
+        "ours_paper_320",
+        "ray_paper_per_cpu",
+        "ray_paper_320_per_cpu",
+    ):
+        assert re.search(rf"^ratio {name}/torchvision_classic: \d+\.\d\dx$", out, re.M), out
+    assert re.search(
+        r"^  ray_paper +\d+\.\d img/s end to end on 2 CPUs \(\d+ images, Ray Data\)", out, re.M
+    )
+    assert len(re.findall(r"^target .* (met|missed) \(\d+\.\d\dx\)$", out, re.M)) == 2
+
+
+def test_bench_data_rejects_a_folder_without_images(tmp_path, capsys):
+    assert bench.main(["data", "--images", str(tmp_path), "--seconds", "1"]) == 2
+    assert f"no images under {tmp_path}" in capsys.readouterr().err
+
+
+def test_per_core_measurement_counts_every_pipeline(tmp_path):
+    _write_jpegs(tmp_path, 2)
+    paths = bench.find_images(tmp_path)
+    datas = [p.read_bytes() for p in paths]
+    pipelines = bench.per_core_pipelines(paths, datas, datas)
+    rates = bench.measure_per_core(pipelines, len(paths), seconds=0.2, rounds=2)
+    assert set(rates) == {
+        "torchvision_classic",
+        "ours_paper",
+        "ours_inception",
+        "full_decode",
+        "ours_paper_320",
+    }
+    assert all(rate > 0 for rate in rates.values())
+    out = pipelines["ours_paper"](0)
+    assert out.shape == (224, 224, 3)
+    assert out.dtype == np.uint8
+    assert tuple(pipelines["torchvision_classic"](1).shape) == (3, 224, 224)

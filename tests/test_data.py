@@ -1,0 +1,352 @@
+"""The streaming reader (pipelines.data) on real shards written by resnet-prepare, on a local Ray."""
+
+from __future__ import annotations
+
+import io
+import json
+from collections import Counter
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+import torch
+from PIL import Image
+
+from pipelines import data
+from pipelines.manifest import read_manifest
+from pipelines.prepare import SHARD_SCHEMA
+from pipelines.prepare import main as prepare_main
+
+IMAGE_SIZE = 32  # small crops keep decoding fast; the synthetic images are 160-400 px
+
+
+@pytest.fixture(scope="module")
+def manifest(ray_local, tmp_path_factory):
+    """4 classes; train: 48 rows in 7 shards, val: 20 rows in 3 shards (row groups of 3)."""
+    out = tmp_path_factory.mktemp("shards") / "synthetic"
+    status = prepare_main(
+        [
+            "synthetic",
+            "--kind", "imagenet",
+            "--classes", "4",
+            "--train-per-class", "12",
+            "--val-per-class", "5",
+            "--shard-rows", "7",
+            "--row-group-rows", "3",
+            "--out", str(out),
+        ]
+    )  # fmt: skip
+    assert status == 0
+    return read_manifest(str(out))
+
+
+def _shard_keys(uri: str) -> list[str]:
+    return pq.read_table(uri, columns=["key"]).column("key").to_pylist()
+
+
+def _epoch(manifest, **overrides):
+    options = {
+        "split": "train",
+        "mode": "paper",
+        "world_size": 1,
+        "rank": 0,
+        "epoch": 0,
+        "seed": 0,
+        "batch_size": 4,
+        "image_size": IMAGE_SIZE,
+        "map_batch_rows": 4,
+        "task_rows": 8,
+    }
+    options.update(overrides)
+    return list(data.iter_batches(manifest, **options).batches())
+
+
+def _keys(batches) -> list[str]:
+    return [key for batch in batches for key in batch.keys]
+
+
+def _jpeg(seed: int, size: tuple[int, int] = (96, 64)) -> bytes:
+    pixels = np.random.default_rng(seed).integers(0, 256, (size[1], size[0], 3), dtype=np.uint8)
+    buffer = io.BytesIO()
+    Image.fromarray(pixels).save(buffer, format="JPEG", quality=90)
+    return buffer.getvalue()
+
+
+def _write_shard(path: Path, images: list[bytes], labels: list[int]) -> str:
+    table = pa.table(
+        {
+            "image": images,
+            "label": labels,
+            "key": [f"hand/{i:03d}" for i in range(len(images))],
+            "height": [0] * len(images),
+            "width": [0] * len(images),
+        },
+        schema=SHARD_SCHEMA,
+    )
+    pq.write_table(table, path, row_group_size=2)
+    return str(path)
+
+
+# ---------------------------------------------------------------------------------------------
+# Plans (no Ray)
+# ---------------------------------------------------------------------------------------------
+
+SHARDS = [(f"mem://shard-{i}", 7) for i in range(6)] + [("mem://shard-6", 5)]  # 47 rows
+
+
+def _plan(**overrides) -> data.EpochPlan:
+    options = {
+        "split": "train",
+        "train": True,
+        "world_size": 3,
+        "rank": 0,
+        "epoch": 0,
+        "seed": 0,
+        "batch_size": 4,
+    }
+    options.update(overrides)
+    return data.EpochPlan.create(SHARDS, **options)
+
+
+def _rows(plan: data.EpochPlan) -> list[tuple[str, int]]:
+    return [(r.uri, row) for r in plan.ranges for row in range(r.start, r.stop)]
+
+
+def test_training_plan_is_a_function_of_seed_and_epoch():
+    assert _plan() == _plan()
+    assert _rows(_plan(epoch=1)) != _rows(_plan())
+    assert _rows(_plan(seed=1)) != _rows(_plan())
+
+
+def test_training_plan_gives_every_rank_the_same_steps_and_disjoint_rows():
+    for epoch in range(5):
+        plans = [_plan(rank=r, epoch=epoch) for r in range(3)]
+        # 47 rows // 3 ranks = 15 per rank -> 3 batches of 4 each, in every epoch.
+        assert [p.steps for p in plans] == [3, 3, 3]
+        assert [len(_rows(p)) for p in plans] == [12, 12, 12]
+        rows = [row for p in plans for row in _rows(p)]
+        assert len(set(rows)) == len(rows) == 36
+
+
+def test_steps_per_epoch_caps_with_max_batches():
+    assert _plan(max_batches=2).steps == 2
+    assert len(_rows(_plan(max_batches=2))) == 8
+
+
+def test_evaluation_plan_reads_every_row_exactly_once():
+    all_rows = {(uri, row) for uri, n in SHARDS for row in range(n)}
+    for world_size in (1, 2, 3, 5):
+        plans = [_plan(train=False, world_size=world_size, rank=r) for r in range(world_size)]
+        rows = [row for p in plans for row in _rows(p)]
+        assert len(rows) == len(all_rows)
+        assert set(rows) == all_rows
+        sizes = [p.num_rows for p in plans]
+        assert max(sizes) - min(sizes) <= 1
+        assert [p.steps for p in plans] == [-(-n // 4) for n in sizes]
+
+
+def test_plan_rejects_a_split_too_small_for_the_workers():
+    with pytest.raises(ValueError, match=r"47 rows, fewer than world_size 3 x batch_size 16"):
+        _plan(batch_size=16)
+    with pytest.raises(ValueError, match="rank 3 / world_size 3"):
+        _plan(rank=3)
+
+
+# ---------------------------------------------------------------------------------------------
+# Reading through Ray Data
+# ---------------------------------------------------------------------------------------------
+
+
+def test_steps_per_epoch_needs_only_the_manifest(manifest):
+    steps = data.steps_per_epoch(manifest, "train", world_size=2, batch_size=4)
+    assert steps == 48 // 2 // 4
+    for epoch in (0, 1):
+        for rank in (0, 1):
+            plan = data.plan_epoch(
+                manifest, "train", train=True, world_size=2, rank=rank, epoch=epoch, seed=3,
+                batch_size=4,
+            )  # fmt: skip
+            assert plan.steps == steps
+
+
+def test_rows_come_in_plan_order_with_their_labels(manifest):
+    batches = _epoch(manifest, world_size=2, rank=1, epoch=2)
+    plan = data.plan_epoch(
+        manifest, "train", train=True, world_size=2, rank=1, epoch=2, seed=0, batch_size=4
+    )
+    expected = [k for r in plan.ranges for k in _shard_keys(r.uri)[r.start : r.stop]]
+    assert _keys(batches) == expected
+    labels = {}
+    for uri in manifest.shard_uris("train"):
+        table = pq.read_table(uri, columns=["key", "label"])
+        labels.update(zip(table["key"].to_pylist(), table["label"].to_pylist(), strict=True))
+    for batch in batches:
+        assert batch.images.dtype == torch.uint8
+        assert batch.images.shape == (4, IMAGE_SIZE, IMAGE_SIZE, 3)
+        assert batch.labels.tolist() == [labels[k] for k in batch.keys]
+        assert batch.num_bad == 0
+
+
+def test_same_seed_gives_the_same_batches_pixel_for_pixel(manifest):
+    first = _epoch(manifest, local_shuffle_buffer_size=12)
+    second = _epoch(manifest, local_shuffle_buffer_size=12)
+    assert len(first) == 12
+    assert _keys(first) == _keys(second)
+    assert all(torch.equal(a.images, b.images) for a, b in zip(first, second, strict=True))
+    # The augmentation is random: the same image differs between epochs.
+    other = _epoch(manifest, local_shuffle_buffer_size=12, epoch=1)
+    assert _keys(other) != _keys(first)
+    assert sorted(_keys(other)) == sorted(_keys(first))  # 48 rows, batch 4: nothing dropped
+    crops = {k: img for b in first for k, img in zip(b.keys, b.images, strict=True)}
+    other_crops = {k: img for b in other for k, img in zip(b.keys, b.images, strict=True)}
+    assert sum(torch.equal(crops[k], other_crops[k]) for k in crops) < len(crops) // 4
+
+
+def test_skip_batches_yields_exactly_the_tail(manifest):
+    options = {"local_shuffle_buffer_size": 12, "epoch": 1, "world_size": 2, "rank": 0}
+    full = _epoch(manifest, **options)
+    tail = _epoch(manifest, skip_batches=2, **options)
+    assert len(full) == 6
+    assert len(tail) == 4
+    assert _keys(tail) == _keys(full[2:])
+    assert all(torch.equal(a.images, b.images) for a, b in zip(tail, full[2:], strict=True))
+    assert _epoch(manifest, skip_batches=6, **options) == []
+
+
+def test_evaluation_reads_every_image_once_across_two_ranks(manifest):
+    keys = []
+    for rank in (0, 1):
+        batches = _epoch(
+            manifest, split="val", mode="eval_center", world_size=2, rank=rank, batch_size=3
+        )
+        assert [len(b.keys) for b in batches] == [3, 3, 3, 1]
+        keys += _keys(batches)
+    assert len(keys) == 20
+    assert Counter(keys) == Counter(data.read_split_keys(manifest, "val"))
+
+
+def test_eval_full_gives_the_central_square_for_ten_crop(manifest):
+    batches = _epoch(
+        manifest, split="val", mode="eval_full", batch_size=8, eval_resize=40, max_batches=1
+    )
+    assert len(batches) == 1
+    assert batches[0].images.shape == (8, 40, 40, 3)
+
+
+def test_mode_must_fit_the_plan(manifest):
+    plan = data.plan_epoch(
+        manifest, "val", train=False, world_size=1, rank=0, epoch=0, seed=0, batch_size=4
+    )
+    with pytest.raises(ValueError, match="does not fit an evaluation plan"):
+        data.build_dataset(plan, mode="paper", image_size=IMAGE_SIZE)
+    with pytest.raises(ValueError, match="local_shuffle_buffer_size is for training"):
+        data.EpochBatches(plan, mode="eval_center", image_size=32, local_shuffle_buffer_size=8)
+
+
+def test_undecodable_images_are_counted_not_fatal(ray_local, tmp_path):
+    good = [_jpeg(i) for i in range(6)]
+    images = [good[0], b"not an image", good[2], good[3][: len(good[3]) // 3], good[4], good[5]]
+    uri = _write_shard(tmp_path / "bad.parquet", images, labels=[0, 1, 2, 3, 4, 5])
+    plan_args = {"split": "hand", "world_size": 1, "rank": 0, "epoch": 0, "seed": 0}
+
+    train_plan = data.EpochPlan.create([(uri, 6)], train=True, batch_size=3, **plan_args)
+    train = data.EpochBatches(
+        train_plan, mode="paper", image_size=IMAGE_SIZE, map_batch_rows=6, task_rows=6
+    )
+    batches = list(train.batches())
+    assert len(batches) == 2
+    assert train.num_bad == 2
+    keys = _keys(batches)
+    # Rows 1 and 3 became copies of good rows of the same map batch (image, label and key).
+    assert len(keys) == 6
+    assert {"hand/001", "hand/003"}.isdisjoint(keys)
+    labels = torch.cat([b.labels for b in batches]).tolist()
+    assert labels == [int(k[-3:]) for k in keys]
+
+    eval_plan = data.EpochPlan.create([(uri, 6)], train=False, batch_size=4, **plan_args)
+    evaluation = data.EpochBatches(eval_plan, mode="eval_center", image_size=IMAGE_SIZE)
+    batches = list(evaluation.batches())
+    assert _keys(batches) == ["hand/000", "hand/002", "hand/004", "hand/005"]
+    assert [b.num_bad for b in batches] == [2, 0]
+    assert evaluation.num_bad == 2
+
+
+def test_a_batch_without_any_good_image_fails_with_the_reason(ray_local, tmp_path):
+    uri = _write_shard(tmp_path / "broken.parquet", [b"junk"] * 4, labels=[0] * 4)
+    plan = data.EpochPlan.create(
+        [(uri, 4)], split="hand", train=True, world_size=1, rank=0, epoch=0, seed=0, batch_size=2
+    )
+    with pytest.raises(Exception, match=r"all 4 images in rows 0\.\.3 .* failed to decode"):
+        list(data.EpochBatches(plan, mode="paper", image_size=IMAGE_SIZE))
+
+
+def test_cifar_mode_pads_crops_and_flips_fixed_size_images(ray_local, tmp_path):
+    rng = np.random.default_rng(0)
+    pixels = rng.integers(0, 256, (8, 32, 32, 3), dtype=np.uint8)
+    pngs = []
+    for image in pixels:
+        buffer = io.BytesIO()
+        Image.fromarray(image).save(buffer, format="PNG")
+        pngs.append(buffer.getvalue())
+    uri = _write_shard(tmp_path / "cifar.parquet", pngs, labels=list(range(8)))
+    plan_args = {"split": "hand", "world_size": 1, "rank": 0, "epoch": 0, "seed": 0}
+
+    eval_plan = data.EpochPlan.create([(uri, 8)], train=False, batch_size=8, **plan_args)
+    (batch,) = data.EpochBatches(eval_plan, mode="eval_center", image_size=32, eval_resize=32)
+    assert np.array_equal(batch[0].numpy(), pixels)  # CIFAR evaluation sees the stored images
+
+    train_plan = data.EpochPlan.create([(uri, 8)], train=True, batch_size=8, **plan_args)
+    (images, labels) = next(iter(data.EpochBatches(train_plan, mode="cifar", image_size=32)))
+    (again, _) = next(iter(data.EpochBatches(train_plan, mode="cifar", image_size=32)))
+    assert images.shape == (8, 32, 32, 3)
+    assert torch.equal(images, again)
+    assert not torch.equal(images, torch.from_numpy(pixels[labels.numpy()]))
+
+
+@pytest.mark.slow
+def test_reader_feeds_a_two_worker_torch_trainer(manifest, tmp_path):
+    from ray.train import RunConfig, ScalingConfig
+    from ray.train.torch import TorchTrainer
+
+    def loop(config: dict) -> None:
+        import ray.train
+
+        from pipelines import data as data_lib
+        from pipelines.manifest import read_manifest as read
+
+        context = ray.train.get_context()
+        rank, world = context.get_world_rank(), context.get_world_size()
+        dataset = read(config["uri"])
+        common = {"world_size": world, "rank": rank, "seed": 0, "image_size": 32}
+        train = data_lib.iter_batches(
+            dataset, split="train", mode="paper", epoch=0, batch_size=4,
+            local_shuffle_buffer_size=8, decode_num_cpus=0.5, **common,
+        )  # fmt: skip
+        val = data_lib.iter_batches(
+            dataset, split="val", mode="eval_center", epoch=0, batch_size=4,
+            decode_num_cpus=0.5, **common,
+        )  # fmt: skip
+        result = {
+            "train": [k for b in train.batches() for k in b.keys],
+            "val": [k for b in val.batches() for k in b.keys],
+            "steps": train.plan.steps,
+        }
+        Path(config["out"], f"rank-{rank}.json").write_text(json.dumps(result))
+        ray.train.report({"train_rows": len(result["train"])})
+
+    trainer = TorchTrainer(
+        loop,
+        train_loop_config={"uri": manifest.root, "out": str(tmp_path)},
+        scaling_config=ScalingConfig(num_workers=2, resources_per_worker={"CPU": 0.5}),
+        run_config=RunConfig(name="data-reader", storage_path=str(tmp_path / "runs")),
+    )
+    trainer.fit()
+    ranks = [json.loads((tmp_path / f"rank-{r}.json").read_text()) for r in (0, 1)]
+    assert [r["steps"] for r in ranks] == [6, 6]
+    assert [len(r["train"]) for r in ranks] == [24, 24]
+    assert not set(ranks[0]["train"]) & set(ranks[1]["train"])
+    val = ranks[0]["val"] + ranks[1]["val"]
+    assert [len(r["val"]) for r in ranks] == [10, 10]
+    assert Counter(val) == Counter(data.read_split_keys(manifest, "val"))
