@@ -128,6 +128,7 @@ def audit_image(
     max_pixels: int = DEFAULT_MAX_PIXELS,
     max_side: int | None = None,
     quality: int = 95,
+    keep_lossless: bool = False,
 ) -> AuditResult:
     """Check one encoded image and return RGB JPEG bytes ready for a shard, or why to skip it.
 
@@ -137,6 +138,8 @@ def audit_image(
     max_side: when set, images whose longer side exceeds it are downscaled (Lanczos) to exactly
         that longer side and re-encoded; smaller images are untouched.
     quality: JPEG quality (1-100) of every re-encoded image.
+    keep_lossless: a clean RGB PNG passes through unchanged instead of being re-encoded as JPEG
+        (CIFAR-10: its 32x32 images are small and the paper's numbers are on exact pixels).
     """
     if max_pixels < 1:
         raise ValueError(
@@ -152,12 +155,14 @@ def audit_image(
         return _skip("empty", "0 bytes")
     data = bytes(data)
     try:
-        return _audit(data, max_pixels, max_side, quality)
+        return _audit(data, max_pixels, max_side, quality, keep_lossless)
     except Exception as error:  # Anything Pillow raises on hostile input is a skip, not a crash.
         return _skip("unreadable", f"{type(error).__name__}: {error}")
 
 
-def _audit(data: bytes, max_pixels: int, max_side: int | None, quality: int) -> AuditResult:
+def _audit(
+    data: bytes, max_pixels: int, max_side: int | None, quality: int, keep_lossless: bool
+) -> AuditResult:
     with _strict_decoding():
         try:
             image = Image.open(io.BytesIO(data))  # Reads the header only.
@@ -181,6 +186,8 @@ def _audit(data: bytes, max_pixels: int, max_side: int | None, quality: int) -> 
             except _DECODE_ERRORS as error:
                 return _skip(_failure_reason(error), f"{type(error).__name__}: {error}")
             repaired = _repair_reason(image)
+            if keep_lossless and repaired == "png" and image.mode == "RGB":
+                repaired = None
             resize = max_side is not None and max(width, height) > max_side
             if repaired is None and not resize:
                 return AuditResult(
@@ -193,7 +200,10 @@ def _audit(data: bytes, max_pixels: int, max_side: int | None, quality: int) -> 
         size = (max(1, round(width * scale)), max(1, round(height * scale)))
         rgb = rgb.resize(size, Image.Resampling.LANCZOS)
     buffer = io.BytesIO()
-    rgb.save(buffer, format="JPEG", quality=quality)
+    # Small images keep full-resolution chroma (4:4:4): 4:2:0 on a 32x32 image halves the colour
+    # resolution of what little there is. Large ones use libjpeg's default 4:2:0 (faster decode).
+    subsampling = 0 if min(rgb.size) <= 64 else 2
+    rgb.save(buffer, format="JPEG", quality=quality, subsampling=subsampling)
     return AuditResult(
         data=buffer.getvalue(),
         height=rgb.height,

@@ -273,6 +273,8 @@ def run_data_bench(
         f"; {seconds:g} CPU s per pipeline, 1 thread",
         flush=True,
     )
+    if hasattr(os, "getloadavg"):
+        print(f"machine: {os.cpu_count()} CPUs, load average {os.getloadavg()[0]:.1f}", flush=True)
     pipelines = per_core_pipelines(
         paths, [audited[i].data for i in usable], [small[i].data for i in usable]
     )

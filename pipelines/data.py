@@ -22,8 +22,10 @@ How the pipeline reads. It is ``from_items(row chunks in plan order) -> map_batc
 chunk's rows + decode + augment)`` with ``preserve_order`` on, not ``read_parquet``: measured on
 Ray 2.60 (2 cores), ``read_parquet`` bin-packs row groups of different files into one read task
 (it does not keep the file order we planned) and starts a footer-reading actor pool on every
-execution, 9-13 s per epoch and rank against 0.4 s for this reader on a 300-row split. Reading
-inside the decode task also keeps the encoded bytes out of the object store: only crops travel.
+execution: 9-13 s per epoch and rank on a 300-row split, against 0.4 s for ``from_items`` +
+``map_batches`` over the same files. Reading inside the decode task also keeps the encoded bytes
+out of the object store: only crops travel. Any shard count works: a shard may be split between
+two ranks (each reads only the row groups it needs).
 
 Determinism. Augmentation randomness comes from ``numpy.random.default_rng([seed, epoch,
 crc32(keys of the map batch)])``; map batches are fixed slices of each shard (multiples of
@@ -34,8 +36,9 @@ for pixel.
 
 Mid-epoch resume: ``skip_batches=k`` reproduces the epoch's batch sequence and discards its first
 ``k`` batches. Honest cost: those rows are still read and decoded (the shuffle buffer needs them
-to reproduce the order), they are only not trained on; at ~1 ms of decode per image and core
-that is seconds to a few minutes per resume.
+to reproduce the order), they are only not trained on. At ~3-4 ms of CPU per full-size ImageNet
+image (BENCHMARKS.md), resuming 1,000 steps of batch 32 into an epoch costs ~100-130 CPU seconds,
+spread over the decode CPUs.
 
 Bad images: the shards were audited by resnet-prepare, but a row that still fails to decode never
 crashes the job. Training replaces it with a copy of another good row of the same map batch (the
@@ -54,7 +57,9 @@ from typing import Any, NamedTuple
 import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
+import ray
 import torch
+from ray.data.collate_fn import NumpyBatchCollateFn
 from torch import Tensor
 
 from pipelines import storage
@@ -421,6 +426,35 @@ def _chunks(plan: EpochPlan, task_rows: int) -> list[dict[str, Any]]:
     return items
 
 
+def _check_options(
+    plan: EpochPlan,
+    mode: str,
+    image_size: int,
+    eval_resize: int | None,
+    map_batch_rows: int,
+    task_rows: int,
+) -> int:
+    """Validate the decode options for ``plan``; returns ``eval_resize`` with its default."""
+    if mode not in MODES:
+        raise ValueError(f"mode {mode!r} is unknown: use one of {MODES}")
+    if (mode in TRAIN_MODES) != plan.train:
+        kind = "a training" if plan.train else "an evaluation"
+        raise ValueError(
+            f"mode {mode!r} does not fit {kind} plan: use one of "
+            f"{TRAIN_MODES if plan.train else EVAL_MODES}"
+        )
+    if map_batch_rows < 1 or task_rows < 1 or task_rows % map_batch_rows:
+        raise ValueError(
+            f"task_rows {task_rows} must be a positive multiple of map_batch_rows {map_batch_rows}"
+        )
+    if image_size < 1:
+        raise ValueError(f"image_size {image_size} must be positive")
+    eval_resize = eval_resize or round(image_size * 256 / 224)
+    if eval_resize < image_size:
+        raise ValueError(f"eval_resize {eval_resize} must be >= image_size {image_size}")
+    return eval_resize
+
+
 def build_dataset(
     plan: EpochPlan,
     *,
@@ -431,8 +465,8 @@ def build_dataset(
     decode_concurrency: int | None = None,
     map_batch_rows: int = 64,
     task_rows: int = 512,
-) -> Any:
-    """The rank's epoch as a ``ray.data.Dataset`` of decoded rows, in plan order.
+) -> ray.data.Dataset:
+    """The rank's epoch as a Ray Dataset of decoded rows, in plan order.
 
     Columns: image uint8 (image_size, image_size, 3) (eval_full: eval_resize square), label
     int64, key str, bad bool. ``eval_resize``: shorter side before the centre crop in eval modes
@@ -440,30 +474,16 @@ def build_dataset(
     ``task_rows`` rows (a multiple of ``map_batch_rows``, the rows sharing one random generator)
     with ``decode_num_cpus`` CPUs; ``decode_concurrency`` caps concurrent tasks (None: Ray decides).
     """
-    import ray
-
-    if mode not in MODES:
-        raise ValueError(f"mode {mode!r} is unknown: use one of {MODES}")
-    if (mode in TRAIN_MODES) != plan.train:
-        kind = "a training" if plan.train else "an evaluation"
-        raise ValueError(
-            f"mode {mode!r} does not fit {kind} plan: use one of "
-            f"{TRAIN_MODES if plan.train else EVAL_MODES}"
-        )
-    if map_batch_rows < 1 or task_rows % map_batch_rows:
-        raise ValueError(
-            f"task_rows {task_rows} must be a positive multiple of map_batch_rows {map_batch_rows}"
-        )
-    eval_resize = eval_resize or round(image_size * 256 / 224)
-    if eval_resize < image_size:
-        raise ValueError(f"eval_resize {eval_resize} must be >= image_size {image_size}")
+    eval_resize = _check_options(plan, mode, image_size, eval_resize, map_batch_rows, task_rows)
     chunks = _chunks(plan, task_rows)
     if not chunks:
         raise ValueError(f"rank {plan.rank} reads no rows of split {plan.split!r} in this plan")
     ds = ray.data.from_items(chunks, override_num_blocks=len(chunks))
+    # Blocks leave in input order whichever task finishes first; this dataset's own context (and
+    # its descendants'), not the process-wide one. No progress bars in Train workers' logs.
     ds.context.execution_options.preserve_order = True
     ds.context.enable_progress_bars = False
-    ds = ds.map_batches(
+    return ds.map_batches(
         _decode_chunk,
         batch_size=1,
         batch_format="numpy",
@@ -478,8 +498,6 @@ def build_dataset(
         num_cpus=decode_num_cpus,
         concurrency=decode_concurrency,
     )
-    ds.context.execution_options.preserve_order = True
-    return ds
 
 
 # ---------------------------------------------------------------------------------------------
@@ -497,36 +515,31 @@ class Batch(NamedTuple):
     num_bad: int
 
 
-def _collate_class() -> type:
-    from ray.data.collate_fn import NumpyBatchCollateFn
+class _ToBatch(NumpyBatchCollateFn):
+    """numpy rows -> :class:`Batch`; runs in Ray's prefetch threads (pinning included)."""
 
-    class ToBatch(NumpyBatchCollateFn):
-        """numpy rows -> :class:`Batch`; runs in Ray's prefetch threads (pinning included)."""
+    def __init__(self, *, drop_bad: bool, pin_memory: bool) -> None:
+        self.drop_bad = drop_bad
+        self.pin_memory = pin_memory
 
-        def __init__(self, *, drop_bad: bool, pin_memory: bool) -> None:
-            self.drop_bad = drop_bad
-            self.pin_memory = pin_memory
-
-        def __call__(self, batch: dict[str, np.ndarray]) -> Batch:
-            bad = batch["bad"].astype(bool)
-            images, labels, keys = batch["image"], batch["label"], batch["key"]
-            if self.drop_bad and bad.any():
-                images, labels, keys = images[~bad], labels[~bad], keys[~bad]
-            # A copy (Ray's arrays are read-only views), made straight into pinned memory on GPU.
-            images_t = torch.empty(images.shape, dtype=torch.uint8, pin_memory=self.pin_memory)
-            images_t.numpy()[...] = images
-            labels_t = torch.from_numpy(labels.astype(np.int64))
-            if self.pin_memory:
-                labels_t = labels_t.pin_memory()
-            return Batch(images_t, labels_t, tuple(str(k) for k in keys), int(bad.sum()))
-
-    return ToBatch
+    def __call__(self, batch: dict[str, np.ndarray]) -> Batch:
+        bad = batch["bad"].astype(bool)
+        images, labels, keys = batch["image"], batch["label"], batch["key"]
+        if self.drop_bad and bad.any():
+            images, labels, keys = images[~bad], labels[~bad], keys[~bad]
+        # A copy (Ray's arrays are read-only views), made straight into pinned memory on GPU.
+        images_t = torch.empty(images.shape, dtype=torch.uint8, pin_memory=self.pin_memory)
+        images_t.numpy()[...] = images
+        labels_t = torch.from_numpy(labels.astype(np.int64))
+        if self.pin_memory:
+            labels_t = labels_t.pin_memory()
+        return Batch(images_t, labels_t, tuple(str(k) for k in keys), int(bad.sum()))
 
 
 class EpochBatches:
     """One rank's batches of one epoch; iterate for ``(images, labels)`` or use :meth:`batches`.
 
-    ``num_bad`` counts the undecodable images met so far. In training exactly
+    ``num_bad`` counts the undecodable images in the batches yielded so far. In training exactly
     ``plan.steps - skip_batches`` batches of ``plan.batch_size`` come out; in evaluation every
     row of the rank's range once (minus dropped bad rows), the last batch possibly smaller.
     """
@@ -553,6 +566,7 @@ class EpochBatches:
             )
         if local_shuffle_buffer_size is not None and not plan.train:
             raise ValueError("local_shuffle_buffer_size is for training; pass None to evaluate")
+        _check_options(plan, mode, image_size, eval_resize, map_batch_rows, task_rows)
         self.plan = plan
         self.skip_batches = skip_batches
         self.num_bad = 0
@@ -589,7 +603,7 @@ class EpochBatches:
             shuffle_seed = int(state[0])
         stream = ds.iter_torch_batches(
             batch_size=plan.batch_size,
-            collate_fn=_collate_class()(drop_bad=not plan.train, pin_memory=self._pin_memory),
+            collate_fn=_ToBatch(drop_bad=not plan.train, pin_memory=self._pin_memory),
             device="cpu",  # the caller moves batches to its device (non_blocking when pinned)
             drop_last=plan.train,
             local_shuffle_buffer_size=self._shuffle_buffer,
@@ -598,9 +612,9 @@ class EpochBatches:
         )
         produced = 0
         for batch in stream:
-            self.num_bad += batch.num_bad
             produced += 1
             if produced > self.skip_batches:
+                self.num_bad += batch.num_bad
                 yield batch
             if produced == plan.steps:
                 break

@@ -443,6 +443,7 @@ def write_shard(
     quality: int,
     row_group_rows: int,
     mean_size: int,
+    keep_lossless: bool = False,
 ) -> dict[str, Any]:
     """Read, audit and write one shard, then its progress marker (last); return the marker.
 
@@ -466,7 +467,13 @@ def write_shard(
         except OSError as e:
             skipped.setdefault("unreadable", []).append({"key": item.key, "detail": str(e)})
             continue
-        result = audit_image(data, max_pixels=max_pixels, max_side=max_side, quality=quality)
+        result = audit_image(
+            data,
+            max_pixels=max_pixels,
+            max_side=max_side,
+            quality=quality,
+            keep_lossless=keep_lossless,
+        )
         if result.skipped is not None:
             skipped.setdefault(result.skipped, []).append(
                 {"key": item.key, "detail": result.detail}
@@ -702,7 +709,7 @@ def build_manifest(
         "class_names": list(listing.class_names),
         "splits": splits,
         "image": {
-            "format": "jpeg",
+            "format": "png" if _lossless(config) else "jpeg",
             "max_side": config.max_side,
             "quality": config.quality,
             "max_pixels": config.max_pixels,
@@ -721,6 +728,11 @@ def build_manifest(
         },
         "audit": audit_report(markers),
     }
+
+
+def _lossless(config: PrepareConfig) -> bool:
+    """CIFAR-10 keeps its exact pixels as PNG (read_item yields PNG); everything else is JPEG."""
+    return config.dataset == "cifar10"
 
 
 def _same_dataset(old: Mapping[str, Any] | None, new: Mapping[str, Any]) -> bool:
@@ -779,6 +791,7 @@ def prepare(config: PrepareConfig, listing: SourceListing) -> int:
                 quality=config.quality,
                 row_group_rows=config.row_group_rows,
                 mean_size=config.mean_size,
+                keep_lossless=_lossless(config),
             )
         except Exception as e:
             import ray

@@ -13,9 +13,10 @@ side uniform in 160-400 px and an aspect ratio between 3:4 and 4:3. Default: 10 
 1000 training and 200 validation images per class. One CPU core renders and JPEG-encodes a
 32x32 image in about 1 ms and an ImageNet-like one in about 15 ms.
 
-Measured (10 classes, 1000 + 200 per class, 32x32): a CIFAR ResNet-8 reaches 82% validation
-accuracy after 4 epochs and 91% after 6 (plain SGD, flips and crops); the nearest class-mean
-colour scores 11% (chance: 10%) and a logistic regression on 64-bin colour histograms 46%.
+Measured with the defaults (32x32): a CIFAR ResNet-8 trained 6 epochs (SGD, one-cycle lr, flips
+and crops; an epoch takes ~10 s on 2 idle cores) reaches 85% validation accuracy after 4 epochs
+and 93% after 6, while the nearest class-mean colour scores 11% (chance: 10%) and a logistic
+regression on 64-bin colour histograms 47%.
 """
 
 from __future__ import annotations

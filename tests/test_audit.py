@@ -186,3 +186,19 @@ def test_audit_counts_over_a_listed_imagenet_tree(tmp_path):
         decompression_bomb=1,
     )
     assert results["train/n01440764/n01440764_png_named.JPEG"].repaired == "png"
+
+
+def test_keep_lossless_passes_clean_rgb_png_through_unchanged():
+    rgb = np.random.default_rng(0).integers(0, 256, size=(32, 32, 3), dtype=np.uint8)
+    buffer = io.BytesIO()
+    Image.fromarray(rgb).save(buffer, format="PNG")
+    png = buffer.getvalue()
+    kept = audit_image(png, keep_lossless=True)
+    assert kept.data == png
+    assert kept.repaired is None
+    converted = audit_image(png)
+    assert converted.repaired == "png"
+    assert converted.data[:2] == b"\xff\xd8"  # re-encoded as JPEG
+    # Small images are re-encoded with full-resolution chroma (4:4:4): colour survives.
+    decoded = np.asarray(Image.open(io.BytesIO(converted.data)).convert("RGB"), dtype=int)
+    assert np.abs(decoded - rgb).mean() < 12
