@@ -72,6 +72,7 @@ from resnet_core.transforms import (
     decode_batch,
     decode_crop,
     pad_crop_flip,
+    random_affine,
 )
 
 __all__ = [
@@ -91,7 +92,8 @@ __all__ = [
 
 # paper: scale augmentation of §3.4 (shorter side S in [256, 480], random 224 crop, flip).
 # inception: RandomResizedCrop + flip (modern recipes). cifar: §4.2, 4-pixel pad, 32 crop, flip.
-TRAIN_MODES = ("paper", "inception", "cifar")
+# cifar_tutorial: the popular tutorial recipe's pad-crop-flip plus random rotation (±15°) and zoom.
+TRAIN_MODES = ("paper", "inception", "cifar", "cifar_tutorial")
 # eval_center: shorter side -> eval_resize, centre image_size crop (§3.4 single-crop numbers).
 # eval_full: the central eval_resize square, uncropped, as input to ten_crop(batch, image_size).
 EVAL_MODES = ("eval_center", "eval_full")
@@ -284,7 +286,7 @@ def read_split_keys(manifest: Manifest, split: str) -> list[str]:
 
 
 def _sampler(mode: str, image_size: int, eval_resize: int) -> BoxSampler | None:
-    """The crop of ``mode``; None for cifar (fixed-size images, pad-and-crop instead)."""
+    """The crop of ``mode``; None for the CIFAR modes (fixed-size images, pad-and-crop instead)."""
     if mode == "paper":
         # §3.4 samples S in [256, 480] for 224 crops; other crop sizes keep those proportions.
         return ScaleAugment(
@@ -346,7 +348,7 @@ def _decode_rows(
                 pixels = decode_batch([data])[0]
                 if pixels.shape != images.shape[1:]:
                     raise ValueError(
-                        f"image is {pixels.shape[1]}x{pixels.shape[0]}, mode 'cifar' with "
+                        f"image is {pixels.shape[1]}x{pixels.shape[0]}, mode {mode!r} with "
                         f"image_size {image_size} needs {image_size}x{image_size} images"
                     )
                 images[i] = pixels
@@ -405,8 +407,10 @@ def _decode_chunk(
             images[bad], labels[bad] = images[substitutes], labels[substitutes]
             keys = np.asarray(keys, dtype=object)
             keys[bad] = keys[substitutes]
-        if mode == "cifar":
+        if mode in ("cifar", "cifar_tutorial"):
             images = pad_crop_flip(images, rng, pad=CIFAR_PAD)
+        if mode == "cifar_tutorial":
+            images = random_affine(images, rng)
         yield {"image": images, "label": labels, "key": np.asarray(keys, dtype=object), "bad": bad}
 
 

@@ -304,6 +304,14 @@ def test_cifar_mode_pads_crops_and_flips_fixed_size_images(ray_local, tmp_path):
     assert torch.equal(images, again)
     assert not torch.equal(images, torch.from_numpy(pixels[labels.numpy()]))
 
+    # The tutorial recipe's mode adds rotation and zoom on top: same shapes, other pixels.
+    (tutorial, tutorial_labels) = next(
+        iter(data.EpochBatches(train_plan, mode="cifar_tutorial", image_size=32))
+    )
+    assert tutorial.shape == (8, 32, 32, 3)
+    assert torch.equal(tutorial_labels, labels)
+    assert not torch.equal(tutorial, images)
+
 
 @pytest.mark.slow
 def test_reader_feeds_a_two_worker_torch_trainer(manifest, tmp_path):
