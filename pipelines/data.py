@@ -86,6 +86,7 @@ __all__ = [
     "build_dataset",
     "iter_batches",
     "plan_epoch",
+    "read_plan_rows",
     "read_split_keys",
     "steps_per_epoch",
 ]
@@ -278,6 +279,17 @@ def read_split_keys(manifest: Manifest, split: str) -> list[str]:
         with fs.open_input_file(path) as f:
             keys += pq.read_table(f, columns=["key"]).column("key").to_pylist()
     return keys
+
+
+def read_plan_rows(plan: EpochPlan, chunk_rows: int) -> Iterator[pa.Table]:
+    """The plan's rows as Arrow tables (``image`` encoded bytes, ``label``, ``key``) of at most
+    ``chunk_rows`` rows, in plan order, read in the calling process (no Ray Data): for tasks
+    that decode their own rows, such as resnet-eval's workers."""
+    if chunk_rows < 1:
+        raise ValueError(f"chunk_rows {chunk_rows} must be >= 1")
+    for r in plan.ranges:
+        for lo, hi in _aligned_pieces(r.start, r.stop, chunk_rows):
+            yield _read_rows(r.uri, lo, hi)
 
 
 # ---------------------------------------------------------------------------------------------

@@ -33,6 +33,11 @@ from pipelines.config import (
 CIFAR_ITERATIONS = 64_000  # §4.2: "terminate training at 64k iterations"
 
 
+def _cifar_shortcut(model: str) -> str | None:
+    """§4.2: option A (zero-padding identity) on the residual nets; plain nets have none."""
+    return None if model.startswith("plain") else "A"
+
+
 def demo(model: str = "resnet8") -> JobConfig:
     """A few CPU minutes on the synthetic CIFAR-like shards; accuracy far above chance."""
     return JobConfig(
@@ -51,7 +56,7 @@ def cifar_paper(model: str = "resnet20") -> JobConfig:
     hold = {"hold_lr": 0.01, "hold_until_train_error": 0.8} if model == "resnet110" else {}
     return JobConfig(
         recipe="cifar-paper",
-        model=ModelConfig(name=model, shortcut="A"),
+        model=ModelConfig(name=model, shortcut=_cifar_shortcut(model)),
         data=DataConfig(uri="data/cifar10", augment="cifar", image_size=32, eval_resize=32),
         optim=OptimConfig(lr=0.1, momentum=0.9, weight_decay=1e-4),
         schedule=ScheduleConfig(kind="multistep", milestones=(32_000, 48_000), **hold),
@@ -64,7 +69,7 @@ def cifar_tutorial(model: str = "resnet20") -> JobConfig:
     """The popular tutorial recipe: 150 epochs, lr 0.1 → 0.01 at epoch 100, wd 5e-4."""
     return JobConfig(
         recipe="cifar-tutorial",
-        model=ModelConfig(name=model, shortcut="A"),
+        model=ModelConfig(name=model, shortcut=_cifar_shortcut(model)),
         data=DataConfig(
             uri="data/cifar10",
             augment="cifar_tutorial",

@@ -13,11 +13,13 @@
 
 from __future__ import annotations
 
+import logging
 import math
 import os
 import platform
 import re
 import subprocess
+import sys
 import time
 from collections.abc import Mapping
 from pathlib import Path
@@ -43,13 +45,28 @@ def tracking_uri(workdir: str | Path | None = None) -> str:
     return f"sqlite:///{root / EMBEDDED_DB}"
 
 
+def quiet_store_logs() -> None:
+    """MLflow announces creating and upgrading its SQLite tables at INFO on stderr, which a
+    command keeps for its own errors; warnings still show."""
+    for name in ("mlflow.store.db.utils", "alembic"):
+        logging.getLogger(name).setLevel(logging.WARNING)
+
+
 def ui_command(uri: str) -> str:
-    """The exact command that opens the MLflow UI on this store."""
+    """The exact command that opens the MLflow UI on this store (a tracking server: its URL).
+
+    The ``mlflow`` program is the one installed beside this Python (``.venv/bin/mlflow``), so the
+    command works without activating the environment. User info never appears in it.
+    """
     if uri.startswith(("http://", "https://")):
         return f"open {strip_userinfo(uri)}"
+    beside = Path(sys.executable).parent / "mlflow"
+    program = str(beside) if beside.exists() else "mlflow"
+    if not uri.startswith("sqlite:///"):
+        return f"{program} ui --backend-store-uri {strip_userinfo(uri)} --port 5000"
     root = Path(uri.removeprefix("sqlite:///")).parent
     return (
-        f"mlflow ui --backend-store-uri {uri} "
+        f"{program} ui --backend-store-uri {uri} "
         f"--default-artifact-root {root / EMBEDDED_ARTIFACTS} --port 5000"
     )
 
@@ -137,7 +154,12 @@ def set_tags(client: MlflowClient, run_id: str, tags: Mapping[str, str]) -> None
 
 
 def environment_tags(workdir: str | Path | None = None) -> dict[str, str]:
-    """Git commit and library versions: what a reader of the run needs to reproduce it."""
+    """Git commit and library versions: what a reader of the run needs to reproduce it.
+
+    The commit is ``RESNET_RAY_GIT_COMMIT`` (set it where the code is not a git checkout, e.g. a
+    ``ray job submit`` working directory), else ``git rev-parse HEAD`` in ``workdir`` (default:
+    the folder holding this code).
+    """
     import pyarrow
     import ray
     import torch
@@ -161,7 +183,7 @@ def _git_commit(workdir: str | Path | None) -> str | None:
     try:
         out = subprocess.run(
             ["git", "rev-parse", "HEAD"],
-            cwd=workdir or os.getcwd(),
+            cwd=workdir or Path(__file__).resolve().parent,
             capture_output=True,
             text=True,
             timeout=5,

@@ -382,7 +382,7 @@ def say(line: str) -> None:
 
 def quiet_framework_logs() -> None:
     """Keep the console to our progress lines: Ray Data announces every epoch's pipeline and
-    that progress bars are off; its warnings still show, and everything stays in Ray's logs."""
+    Ray Train every report; their warnings still show, and everything stays in Ray's logs."""
     import logging
 
     import ray.data
@@ -390,6 +390,11 @@ def quiet_framework_logs() -> None:
     logging.getLogger("ray.data").setLevel(logging.WARNING)
     logging.getLogger("ray.data._internal.progress").setLevel(logging.ERROR)
     ray.data.DataContext.get_current().enable_progress_bars = False
+    # Ray 2.60 logs every ray.train.report at INFO through a logger named by its file path,
+    # outside "ray.train", so RunConfig's LoggingConfig does not reach it.
+    context_module = sys.modules.get("ray.train.v2._internal.execution.context")
+    if context_module is not None:
+        logging.getLogger(context_module.__file__).setLevel(logging.WARNING)
 
 
 class _Window:
@@ -640,11 +645,10 @@ def check_locations(config: JobConfig) -> None:
 
 
 def check_model(config: JobConfig) -> None:
-    """Build the model on the meta device (no memory, no compute): catches option mismatches
-    such as a shortcut on a plain net before any worker tries."""
+    """Build the model once on the driver (0.01 s for the demo's, 1.5 s for ResNet-152):
+    catches option mismatches such as a shortcut on a plain net before any worker tries."""
     try:
-        with torch.device("meta"):
-            create_model(config.model.name, **model_options(config))
+        create_model(config.model.name, **model_options(config))
     except ValueError as e:
         raise ConfigError(f"model options do not fit {config.model.name}: {e}") from None
 
@@ -686,15 +690,23 @@ def check_dataset(config: JobConfig) -> tuple[Manifest, StepPlan]:
 
 def check_resumable(config: JobConfig) -> None:
     """A run of this name in the MLflow store must have been started with the same config."""
-    from mlflow.tracking import MlflowClient
-
     from pipelines import tracking
 
-    client = MlflowClient(tracking_uri=tracking.tracking_uri())
-    experiment = client.get_experiment_by_name(config.run.experiment)
-    if experiment is None:
-        return
-    run = tracking.find_run(client, experiment.experiment_id, config.run_name)
+    uri = tracking.tracking_uri()
+    if uri.startswith("sqlite:///") and not Path(uri.removeprefix("sqlite:///")).exists():
+        return  # a new embedded store holds no runs; run_training creates it
+    from mlflow.tracking import MlflowClient
+
+    tracking.quiet_store_logs()
+    client = MlflowClient(tracking_uri=uri)
+    try:
+        experiment = client.get_experiment_by_name(config.run.experiment)
+        run = experiment and tracking.find_run(client, experiment.experiment_id, config.run_name)
+    except Exception as e:  # any failure to reach or read the store
+        raise ConfigError(
+            f"cannot read the MLflow store {tracking.strip_userinfo(uri)} "
+            f"({type(e).__name__}: {' '.join(str(e).split())[:200]}); check MLFLOW_TRACKING_URI"
+        ) from None
     if run is None:
         return
     conflicts = tracking.param_conflicts(run.data.params, flatten(config))
@@ -723,6 +735,28 @@ def ensure_demo_data(config: JobConfig) -> None:
     )  # fmt: skip
     if status != 0:
         raise ManifestError(f"creating the demo dataset at {uri} failed (exit {status})")
+
+
+def job_warnings(config: JobConfig) -> list[str]:
+    """Under ``ray job submit`` the working directory is a temporary copy of the upload:
+    locations that default into it do not survive the job."""
+    if "RAY_JOB_CONFIG_JSON_ENV_VAR" not in os.environ:  # set by Ray for a job's entrypoint
+        return []
+    notes = []
+    if not os.environ.get("MLFLOW_TRACKING_URI"):
+        notes.append(
+            "MLFLOW_TRACKING_URI is not set, so the MLflow store lands in this job's temporary "
+            "working directory; set it with --runtime-env-json "
+            '\'{"env_vars": {"MLFLOW_TRACKING_URI": "http://..."}}\''
+        )
+    path = config.run.storage_path
+    if not storage.is_s3(path) and Path(path).is_relative_to(Path.cwd()):
+        notes.append(
+            f"run.storage_path={path} is inside this job's temporary working directory, so its "
+            "checkpoints cannot resume a later submission; pass --storage s3://... or a shared "
+            "path"
+        )
+    return notes
 
 
 def needs_demo_data(config: JobConfig) -> bool:
@@ -817,6 +851,7 @@ def run_training(config: JobConfig, manifest: Manifest, plan: StepPlan) -> dict[
     from pipelines import tracking
 
     uri = tracking.tracking_uri()
+    tracking.quiet_store_logs()
     client = MlflowClient(tracking_uri=uri)
     experiment_id = tracking.ensure_experiment(client, config.run.experiment, uri)
     tags = {
@@ -869,13 +904,15 @@ def run_training(config: JobConfig, manifest: Manifest, plan: StepPlan) -> dict[
         result = trainer.fit()
         metrics = dict(result.metrics or {})
         reached = int(metrics.get("step", 0))
-        if reached < plan.total_steps:
-            raise RuntimeError(
-                f"training stopped at step {reached} of {plan.total_steps} without an error; "
-                "re-run the same command to resume"
+        if reached < plan.total_steps:  # Ray Train ends an aborted run without an error
+            raise TrainingInterrupted(
+                f"training stopped at step {reached} of {plan.total_steps} (aborted)"
             )
         if client.get_run(run_id).data.tags.get(tracking.FINAL_MODEL_TAG) is None:
             log_final_model(uri, run_id, config, manifest, result.checkpoint)
+    except TrainingInterrupted:
+        client.set_terminated(run_id, "FAILED")
+        raise
     except (KeyboardInterrupt, SystemExit) as e:
         # SIGINT: Ray Train aborts the run and exits; SIGTERM: our handler (see main).
         client.set_terminated(run_id, "FAILED")
@@ -965,6 +1002,8 @@ def main(argv: Sequence[str] | None = None) -> float:
     print("resolved config:\n" + json.dumps(to_dict(config), indent=2), flush=True)
     if args.print_config:
         return float("nan")
+    for line in job_warnings(config):
+        print(f"resnet-train: warning: {line}", file=sys.stderr, flush=True)
     import ray
 
     from pipelines import tracking
@@ -975,11 +1014,14 @@ def main(argv: Sequence[str] | None = None) -> float:
         check_model(config)
         check_locations(config)
         check_gpu_locally(config, args.address)
+        demo_data_missing = needs_demo_data(config)
+        dataset = None if demo_data_missing else check_dataset(config)
         check_resumable(config)
-        if needs_demo_data(config):
+        if demo_data_missing:
             started = start_ray(config, args.address)
             ensure_demo_data(config)
-        manifest, plan = check_dataset(config)
+            dataset = check_dataset(config)
+        manifest, plan = dataset
         started = start_ray(config, args.address) or started
         metrics = run_training(config, manifest, plan)
     except (ConfigError, ManifestError, storage.StorageError) as e:

@@ -1,0 +1,1 @@
+"""How and where resnet-ray runs: cluster configs, images, runtime env and their small helpers."""

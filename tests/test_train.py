@@ -1,0 +1,595 @@
+"""resnet-train end to end, as users run it: `python -m pipelines.train` subprocesses against a
+local Ray it starts itself, and against a `ray start --head` cluster with token authentication
+on this machine; a real MLflow store (SQLite in tmp) and a real S3 endpoint on loopback (moto).
+
+Every Ray process a test starts carries a unique RESNET_RAY_TEST=<marker> environment variable,
+so leftovers are found (and the cluster is stopped) by reading /proc/<pid>/environ, never by
+process name: other Ray instances on this machine are left alone.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import math
+import os
+import re
+import secrets
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+import uuid
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+PYTHON = sys.executable
+RAY_CLI = str(Path(sys.executable).parent / "ray")
+MARKER = "RESNET_RAY_TEST"
+HOME_RAY = Path.home() / ".ray"
+
+# The tiny dataset the cluster runs train on: 10 classes, 640 training and 200 validation images.
+CLASSES, TRAIN_PER_CLASS, VAL_PER_CLASS = 10, 64, 20
+GLOBAL_BATCH, EPOCHS = 64, 3
+STEPS_PER_EPOCH = CLASSES * TRAIN_PER_CLASS // GLOBAL_BATCH  # 2 workers x 32 images, 10 steps
+# A short run with checkpoints every 4 steps (and at each epoch end) and progress every 2.
+RUN_ARGS = [
+    "--recipe", "demo",
+    "--epochs", str(EPOCHS),
+    f"train.global_batch={GLOBAL_BATCH}",
+    "train.log_every_steps=2",
+    "train.checkpoint_every_steps=4",
+    "train.keep_checkpoints=2",
+    "scale.max_failures=2",
+]  # fmt: skip
+
+pytestmark = pytest.mark.slow
+
+
+# ---------------------------------------------------------------------------------------------
+# Processes
+# ---------------------------------------------------------------------------------------------
+
+
+def _marked_pids(marker: str) -> set[int]:
+    """PIDs of live processes whose environment holds RESNET_RAY_TEST=<marker>."""
+    needle = f"{MARKER}={marker}".encode()
+    pids = set()
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            with open(f"/proc/{entry}/environ", "rb") as f:
+                environ = f.read().split(b"\0")
+        except OSError:  # exited meanwhile, or not ours to read
+            continue
+        if needle in environ:
+            pids.add(int(entry))
+    return pids
+
+
+def _cmdline(pid: int) -> str:
+    try:
+        with open(f"/proc/{pid}/cmdline", "rb") as f:
+            return f.read().replace(b"\0", b" ").decode(errors="replace")
+    except OSError:
+        return ""
+
+
+def _stop_marked(marker: str, grace_s: float = 10.0) -> None:
+    """SIGTERM every process carrying the marker, then SIGKILL what is left after the grace."""
+    for sig, wait_s in ((signal.SIGTERM, grace_s), (signal.SIGKILL, 5.0)):
+        for pid in _marked_pids(marker):
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, sig)
+        deadline = time.monotonic() + wait_s
+        while _marked_pids(marker) and time.monotonic() < deadline:
+            time.sleep(0.2)
+
+
+def _free_ports(n: int) -> list[int]:
+    sockets = [socket.socket() for _ in range(n)]
+    try:
+        for s in sockets:
+            s.bind(("127.0.0.1", 0))
+        return [s.getsockname()[1] for s in sockets]
+    finally:
+        for s in sockets:
+            s.close()
+
+
+def _base_env(marker: str, **extra: str) -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("RAY_", MARKER))}
+    env.update({MARKER: marker, "PYTHONUNBUFFERED": "1"}, **extra)
+    env["PATH"] = f"{Path(PYTHON).parent}{os.pathsep}{env.get('PATH', '')}"
+    return env
+
+
+class Driver:
+    """A running `python -m pipelines.train`, its output collected line by line."""
+
+    def __init__(self, args: list[str], env: dict[str, str], cwd: Path) -> None:
+        self.lines: list[str] = []
+        self._changed = threading.Condition()
+        self.process = subprocess.Popen(
+            [PYTHON, "-m", "pipelines.train", *args],
+            env=env,
+            cwd=cwd,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        self.stderr = ""
+        self._threads = [
+            threading.Thread(target=self._read_stdout, daemon=True),
+            threading.Thread(target=self._read_stderr, daemon=True),
+        ]
+        for t in self._threads:
+            t.start()
+
+    def _read_stdout(self) -> None:
+        for line in self.process.stdout:
+            with self._changed:
+                self.lines.append(line.rstrip("\n"))
+                self._changed.notify_all()
+
+    def _read_stderr(self) -> None:
+        self.stderr = self.process.stderr.read()
+
+    @property
+    def output(self) -> str:
+        return "\n".join(self.lines)
+
+    def wait_for(self, pattern: str, timeout: float = 240) -> re.Match:
+        """The first stdout match of ``pattern``; fails if the driver exits or time runs out."""
+        regex = re.compile(pattern)
+        deadline = time.monotonic() + timeout
+        seen = 0
+        with self._changed:
+            while True:
+                for line in self.lines[seen:]:
+                    if match := regex.search(line):
+                        return match
+                seen = len(self.lines)
+                if self.process.poll() is not None or time.monotonic() > deadline:
+                    pytest.fail(f"no line matching {pattern!r}:\n{self.output}\n{self.stderr}")
+                self._changed.wait(timeout=1.0)
+
+    def finish(self, timeout: float = 420) -> int:
+        try:
+            status = self.process.wait(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            self.process.kill()
+            pytest.fail(f"resnet-train did not finish in {timeout} s:\n{self.output}")
+        for t in self._threads:
+            t.join(timeout=10)
+        return status
+
+
+def _train(args: list[str], env: dict[str, str], cwd: Path, timeout: float = 420) -> Driver:
+    driver = Driver(args, env, cwd)
+    driver.finish(timeout)
+    return driver
+
+
+# ---------------------------------------------------------------------------------------------
+# Fixtures: the store, a token-authenticated cluster, the tiny dataset
+# ---------------------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module", autouse=True)
+def leaves_home_ray_alone() -> Iterator[None]:
+    existed = HOME_RAY.exists()
+    yield
+    assert HOME_RAY.exists() == existed, "~/.ray was created (an auth token written there?)"
+
+
+@pytest.fixture(scope="module")
+def mlflow_uri(tmp_path_factory) -> str:
+    return f"sqlite:///{tmp_path_factory.mktemp('mlflow') / 'mlflow.db'}"
+
+
+@dataclass
+class Cluster:
+    address: str  # GCS host:port, for RAY_ADDRESS
+    dashboard: str  # http://127.0.0.1:port, for `ray job submit` and the state API
+    token: str
+    temp_dir: Path
+    marker: str
+
+    def client_env(self, marker: str, **extra: str) -> dict[str, str]:
+        return _base_env(
+            marker,
+            RAY_ADDRESS=self.address,
+            RAY_AUTH_MODE="token",
+            RAY_AUTH_TOKEN=self.token,
+            **extra,
+        )
+
+
+@pytest.fixture(scope="module")
+def cluster() -> Iterator[Cluster]:
+    """`ray start --head` with token auth (token in the environment, not ~/.ray), 4 logical
+    CPUs, no GPU, dashboard on 127.0.0.1, its own temp dir and free ports; stopped afterwards by
+    signalling exactly its processes."""
+    # A short root: Ray's Unix sockets live under it and their paths must stay < 108 bytes.
+    temp_dir = Path(tempfile.mkdtemp(prefix="rr-", dir="/tmp"))
+    marker = f"cluster-{uuid.uuid4().hex}"
+    token = secrets.token_hex(32)
+    gcs, dashboard, client, agent, agent_grpc, runtime_env, metrics = _free_ports(7)
+    env = _base_env(marker, RAY_AUTH_MODE="token", RAY_AUTH_TOKEN=token, RAY_TMPDIR=str(temp_dir))
+    started = subprocess.run(
+        [
+            RAY_CLI, "start", "--head",
+            f"--port={gcs}",
+            "--dashboard-host=127.0.0.1", f"--dashboard-port={dashboard}",
+            f"--ray-client-server-port={client}",
+            f"--dashboard-agent-listen-port={agent}",
+            f"--dashboard-agent-grpc-port={agent_grpc}",
+            f"--runtime-env-agent-port={runtime_env}",
+            f"--metrics-export-port={metrics}",
+            "--num-cpus=4", "--num-gpus=0",
+            f"--temp-dir={temp_dir / 'ray'}",
+            "--disable-usage-stats",
+        ],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=180,
+    )  # fmt: skip
+    try:
+        assert started.returncode == 0, started.stdout + started.stderr
+        address = (temp_dir / "ray" / "ray_current_cluster").read_text().strip()
+        yield Cluster(address, f"http://127.0.0.1:{dashboard}", token, temp_dir, marker)
+    finally:
+        _stop_marked(marker)
+        left = {pid: _cmdline(pid) for pid in _marked_pids(marker)}
+        shutil.rmtree(temp_dir, ignore_errors=True)
+        assert not left, f"cluster processes survived: {left}"
+
+
+@pytest.fixture(scope="module")
+def tiny_data(cluster, tmp_path_factory) -> Path:
+    """Synthetic 32x32 shards, prepared on the cluster: 640 training, 200 validation images."""
+    out = tmp_path_factory.mktemp("data") / "tiny"
+    done = subprocess.run(
+        [
+            PYTHON, "-m", "pipelines.prepare", "synthetic", "--kind", "cifar",
+            "--classes", str(CLASSES),
+            "--train-per-class", str(TRAIN_PER_CLASS),
+            "--val-per-class", str(VAL_PER_CLASS),
+            "--out", str(out),
+        ],
+        env=cluster.client_env(f"prepare-{uuid.uuid4().hex}"),
+        cwd=out.parent,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )  # fmt: skip
+    assert done.returncode == 0, done.stdout + done.stderr
+    return out
+
+
+def _client(uri: str):
+    from mlflow.tracking import MlflowClient
+
+    return MlflowClient(tracking_uri=uri)
+
+
+def _runs_named(uri: str, name: str) -> list:
+    client = _client(uri)
+    experiment = client.get_experiment_by_name("resnet-ray")
+    assert experiment is not None
+    return client.search_runs(
+        [experiment.experiment_id], filter_string=f"tags.`resnet_ray.run_name` = '{name}'"
+    )
+
+
+def _histories(uri: str, run_id: str) -> dict[str, list]:
+    client = _client(uri)
+    keys = client.get_run(run_id).data.metrics
+    return {key: client.get_metric_history(run_id, key) for key in keys}
+
+
+def _assert_exact_run(uri: str, name: str) -> tuple[str, dict[str, list]]:
+    """One FINISHED run of that name, every epoch with exactly its samples, no step twice."""
+    runs = _runs_named(uri, name)
+    assert len(runs) == 1, [r.info.run_id for r in runs]
+    run = runs[0]
+    assert run.info.status == "FINISHED"
+    histories = _histories(uri, run.info.run_id)
+    for key, history in histories.items():
+        steps = [m.step for m in history]
+        assert len(steps) == len(set(steps)), f"{key} logged twice at a step: {sorted(steps)}"
+    epochs = sorted(histories["train/epoch_samples"], key=lambda m: m.step)
+    assert [m.step for m in epochs] == [STEPS_PER_EPOCH * (e + 1) for e in range(EPOCHS)]
+    assert {m.value for m in epochs} == {STEPS_PER_EPOCH * GLOBAL_BATCH}
+    assert {m.value for m in histories["val/count"]} == {CLASSES * VAL_PER_CLASS}
+    assert max(m.step for m in histories["train/loss"]) == EPOCHS * STEPS_PER_EPOCH
+    return run.info.run_id, histories
+
+
+# ---------------------------------------------------------------------------------------------
+# Bad configurations: one line on stderr, exit 2, no Ray started
+# ---------------------------------------------------------------------------------------------
+
+
+def _expect_bad_config(args, message, env, cwd) -> None:
+    driver = _train(args, env, cwd, timeout=180)
+    lines = driver.stderr.strip().splitlines()
+    assert driver.process.returncode == 2, driver.output + driver.stderr
+    # One line of ours, the last; attaching to a cluster, Ray's INFO lines may come before it.
+    ours = [line for line in lines if line.startswith("resnet-train: ")]
+    assert ours == lines[-1:], driver.stderr
+    assert message in ours[0]
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["--model", "resnet19"], "model.name='resnet19' is not a ResNet v1 model"),
+        (["optim.lr=0"], "optim.lr=0.0 must be positive"),
+        (["optim.lr=-1e-3"], "optim.lr=-0.001 must be positive"),
+        (["train.global_batch=0"], "train.global_batch=0 must be positive"),
+        (
+            ["train.global_batch=63"],
+            "train.global_batch=63 is not divisible by scale.num_workers=2",
+        ),
+        (["--data", "{tmp}/empty"], "no manifest.json at {tmp}/empty"),
+        (["--gpu"], "scale.use_gpu=true but this machine has no CUDA GPU"),
+    ],
+)
+def test_bad_configuration_exits_2_before_ray_starts(args, message, tmp_path):
+    torch = pytest.importorskip("torch")
+    if "--gpu" in args and torch.cuda.is_available():
+        pytest.skip("this machine has a GPU")
+    (tmp_path / "empty").mkdir()
+    ray_tmp = Path(tempfile.mkdtemp(prefix="rr-", dir="/tmp"))
+    marker = f"bad-{uuid.uuid4().hex}"
+    env = _base_env(
+        marker,
+        RAY_AUTH_MODE="disabled",
+        RAY_TMPDIR=str(ray_tmp),
+        MLFLOW_TRACKING_URI=f"sqlite:///{tmp_path / 'mlflow.db'}",
+    )
+    try:
+        args = [a.format(tmp=tmp_path) for a in args]
+        _expect_bad_config(args, message.format(tmp=tmp_path), env, tmp_path)
+        assert not list(ray_tmp.rglob("session_*")), "Ray was started"
+        assert not _marked_pids(marker)
+        assert not (tmp_path / "results").exists()  # no checkpoint folder either
+    finally:
+        shutil.rmtree(ray_tmp, ignore_errors=True)
+
+
+def test_s3_locations_are_checked_before_ray_starts(s3_server, tmp_path):
+    import boto3
+
+    boto3.client("s3", endpoint_url=s3_server).create_bucket(Bucket="shards")
+    marker = f"s3-{uuid.uuid4().hex}"
+    ray_tmp = Path(tempfile.mkdtemp(prefix="rr-", dir="/tmp"))
+    env = _base_env(marker, RAY_AUTH_MODE="disabled", RAY_TMPDIR=str(ray_tmp))
+    no_credentials = {
+        k: v for k, v in env.items() if k not in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY")
+    }
+    try:
+        _expect_bad_config(
+            ["--storage", "s3://no-such-bucket/runs"],
+            "bucket 'no-such-bucket' does not exist",
+            env,
+            tmp_path,
+        )
+        _expect_bad_config(
+            ["--data", "s3://shards/cifar"], "no manifest.json at s3://shards/cifar", env, tmp_path
+        )
+        _expect_bad_config(
+            ["--data", "s3://shards/cifar"], "no AWS credentials found", no_credentials, tmp_path
+        )
+        assert not list(ray_tmp.rglob("session_*")), "Ray was started"
+        assert not _marked_pids(marker)
+    finally:
+        shutil.rmtree(ray_tmp, ignore_errors=True)
+
+
+def test_gpu_request_on_a_cluster_without_gpus_exits_2(cluster, tiny_data, mlflow_uri, tmp_path):
+    marker = f"gpu-{uuid.uuid4().hex}"
+    env = cluster.client_env(marker, MLFLOW_TRACKING_URI=mlflow_uri)
+    _expect_bad_config(
+        ["--data", str(tiny_data), "--gpu", "--name", "gpu"],
+        "needs 2 GPUs but the cluster has 0",
+        env,
+        tmp_path,
+    )
+    assert not _marked_pids(marker)
+    client = _client(mlflow_uri)
+    experiment = client.get_experiment_by_name("resnet-ray")
+    assert experiment is None or not _runs_named(mlflow_uri, "gpu")  # no MLflow run opened
+
+
+# ---------------------------------------------------------------------------------------------
+# Training
+# ---------------------------------------------------------------------------------------------
+
+
+def test_demo_recipe_learns_on_a_local_ray(tmp_path, tiny_data):
+    """The default path of `make demo`: a local Ray started and stopped by the job."""
+    from pipelines.manifest import read_manifest
+
+    marker = f"demo-{uuid.uuid4().hex}"
+    ray_tmp = Path(tempfile.mkdtemp(prefix="rr-", dir="/tmp"))
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    env = _base_env(
+        marker, RAY_AUTH_MODE="disabled", RAY_TMPDIR=str(ray_tmp), MLFLOW_TRACKING_URI=uri
+    )
+    try:
+        driver = _train(
+            ["--data", str(tiny_data), "--epochs", "6", "train.global_batch=64"], env, tmp_path
+        )
+        assert driver.process.returncode == 0, driver.output + driver.stderr
+        assert list(ray_tmp.rglob("session_*")), "no local Ray was started"
+        assert not _marked_pids(marker), "Ray processes left behind"
+    finally:
+        _stop_marked(marker)
+        shutil.rmtree(ray_tmp, ignore_errors=True)
+
+    top1 = float(re.search(r"final validation top-1: ([\d.]+)%", driver.output).group(1)) / 100
+    assert top1 > 0.4, driver.output  # chance is 0.1
+    assert f"mlflow ui --backend-store-uri {uri}" in driver.output
+
+    (run,) = _runs_named(uri, "demo-resnet8")
+    assert run.info.status == "FINISHED"
+    assert math.isclose(run.data.metrics["val/top1"], top1, abs_tol=5e-5)
+    params, tags = run.data.params, run.data.tags
+    assert params["optim.lr"] == "0.1"
+    assert params["train.global_batch"] == "64"
+    assert params["data.uri"] == str(tiny_data)
+    assert tags["dataset.checksum"] == read_manifest(str(tiny_data)).checksum
+    assert tags["ray"]
+    assert tags["torch"]
+    assert tags["mlflow"]
+    assert tags["cluster.workers"] == "2"
+    assert tags["cluster.nodes"] == "1"
+    assert re.fullmatch(r"[0-9a-f]{40}", tags["mlflow.source.git.commit"])
+    assert Path(tags["checkpoint.latest"], "checkpoint.json").exists()
+    assert tags["checkpoint.latest"].startswith(str(tmp_path / "results" / "demo-resnet8"))
+
+    client = _client(uri)
+    (version,) = client.search_model_versions("name='resnet-ray-resnet8'")
+    assert version.run_id == run.info.run_id
+    import mlflow
+
+    mlflow.set_tracking_uri(uri)
+    info = mlflow.models.get_model_info(f"models:/resnet-ray-resnet8/{version.version}")
+    assert info.signature.inputs.to_dict()[0]["tensor-spec"]["shape"] == [-1, 3, 32, 32]
+    assert info.signature.outputs.to_dict()[0]["tensor-spec"]["shape"] == [-1, CLASSES]
+    assert info.saved_input_example_info is not None
+    artifacts = {a.path for a in client.list_artifacts(run.info.run_id, "final")}
+    assert artifacts == {"final/weights.safetensors", "final/config.json", "final/classes.json"}
+
+
+@pytest.fixture(scope="module")
+def finals() -> dict[str, dict[str, float]]:
+    """Final metrics of the interrupted runs, to compare them with each other."""
+    return {}
+
+
+def _train_worker_pids(cluster: Cluster) -> list[int]:
+    return sorted(
+        pid
+        for pid in _marked_pids(cluster.marker)
+        if _cmdline(pid).startswith("ray::RayTrainWorker")
+    )
+
+
+def test_killed_worker_restarts_from_the_checkpoint(
+    cluster, tiny_data, mlflow_uri, tmp_path, finals
+):
+    env = cluster.client_env(f"kill-{uuid.uuid4().hex}", MLFLOW_TRACKING_URI=mlflow_uri)
+    args = ["--data", str(tiny_data), "--storage", str(tmp_path / "runs"), "--name", "kill"]
+    driver = Driver([*args, *RUN_ARGS], env, tmp_path)
+    driver.wait_for(rf"epoch 2/{EPOCHS} batch 2/{STEPS_PER_EPOCH} ")
+    workers = _train_worker_pids(cluster)
+    assert len(workers) == 2, workers
+    os.kill(workers[0], signal.SIGKILL)
+    assert driver.finish() == 0, driver.output + driver.stderr
+
+    resumed = re.search(r"resumed from step (\d+)", driver.output)
+    assert resumed, driver.output
+    assert int(resumed.group(1)) >= STEPS_PER_EPOCH  # after the epoch-1 checkpoint
+    run_id, histories = _assert_exact_run(mlflow_uri, "kill")
+    assert "last_worker_failure" in _client(mlflow_uri).get_run(run_id).data.tags
+    finals["kill"] = {k: h[-1].value for k, h in histories.items() if k.startswith("val/")}
+
+
+def test_stopped_driver_resumes_the_same_run_when_resubmitted(
+    cluster, tiny_data, mlflow_uri, tmp_path, finals
+):
+    env = cluster.client_env(f"resume-{uuid.uuid4().hex}", MLFLOW_TRACKING_URI=mlflow_uri)
+    args = ["--data", str(tiny_data), "--storage", str(tmp_path / "runs"), "--name", "resume"]
+    first = Driver([*args, *RUN_ARGS], env, tmp_path)
+    # Past the mid-epoch checkpoint at step 12 (batch 2 of epoch 2).
+    first.wait_for(rf"epoch 2/{EPOCHS} batch 4/{STEPS_PER_EPOCH} ")
+    first.process.send_signal(signal.SIGTERM)
+    assert first.finish() == 130, first.output + first.stderr
+    assert "re-run the same command to resume" in first.stderr
+    (stopped,) = _runs_named(mlflow_uri, "resume")
+    assert stopped.info.status == "FAILED"  # never left RUNNING
+
+    second = _train([*args, *RUN_ARGS], env, tmp_path)
+    assert second.process.returncode == 0, second.output + second.stderr
+    resumed = re.search(
+        r"resumed from step (\d+) \(epoch (\d+), (\d+) batches into it\)", second.output
+    )
+    assert resumed, second.output
+    step, epoch, into = (int(g) for g in resumed.groups())
+    assert step >= STEPS_PER_EPOCH + 2
+    assert step == (epoch - 1) * STEPS_PER_EPOCH + into
+    assert f"MLflow run {stopped.info.run_id} (resumed)" in second.output
+    run_id, histories = _assert_exact_run(mlflow_uri, "resume")
+    assert run_id == stopped.info.run_id
+    finals["resume"] = {k: h[-1].value for k, h in histories.items() if k.startswith("val/")}
+
+
+def test_interrupted_runs_end_with_the_same_model(finals):
+    """Worker killed in one, driver stopped in the other, at different steps: resuming at the
+    exact batch makes both the same computation, down to the validation loss."""
+    if set(finals) != {"kill", "resume"}:
+        pytest.skip("needs both interrupted runs of this module")
+    assert finals["kill"]["val/count"] == finals["resume"]["val/count"]
+    assert finals["kill"]["val/top1"] == finals["resume"]["val/top1"]
+    assert math.isclose(finals["kill"]["val/loss"], finals["resume"]["val/loss"], rel_tol=1e-5)
+
+
+def test_ray_job_submit_with_token_authentication(cluster, tiny_data, mlflow_uri, tmp_path):
+    env = cluster.client_env(f"submit-{uuid.uuid4().hex}")
+    env.pop("RAY_ADDRESS")
+    refused = subprocess.run(
+        [RAY_CLI, "job", "list", "--address", cluster.dashboard],
+        env={**env, "RAY_AUTH_TOKEN": "0" * 64},
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert refused.returncode != 0
+    assert "Invalid authentication token" in refused.stdout + refused.stderr
+
+    runtime_env = {"env_vars": {"MLFLOW_TRACKING_URI": mlflow_uri}}
+    submitted = subprocess.run(
+        [
+            RAY_CLI, "job", "submit",
+            "--address", cluster.dashboard,
+            "--working-dir", str(REPO),
+            "--runtime-env-json", json.dumps(runtime_env),
+            "--", "python", "-m", "pipelines.train",
+            "--data", str(tiny_data), "--storage", str(tmp_path / "runs"), "--name", "submitted",
+            "--epochs", "1", f"train.global_batch={GLOBAL_BATCH}",
+        ],
+        env=env,
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=420,
+    )  # fmt: skip
+    output = submitted.stdout + submitted.stderr
+    assert submitted.returncode == 0, output
+    assert "succeeded" in output
+    assert "final validation top-1" in output
+    (run,) = _runs_named(mlflow_uri, "submitted")
+    assert run.info.status == "FINISHED"
+    assert run.data.metrics["val/count"] == CLASSES * VAL_PER_CLASS
+
+    # The uploaded working directory: the code, without .venv, data or results (.gitignore).
+    packages = list(cluster.temp_dir.glob("ray/session_*/runtime_resources/working_dir_files/*"))
+    assert packages, "no working_dir package on the cluster"
+    for package in packages:
+        names = {p.name for p in package.iterdir()}
+        assert {"pipelines", "resnet_core", "pyproject.toml"} <= names
+        assert not names & {".venv", "data", "results", "mlflow.db", ".git"}, names
