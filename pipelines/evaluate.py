@@ -231,14 +231,26 @@ def _from_registry(uri: str, tracking_uri: str) -> TrainedModel:
             f"{uri} (version {version.version}) names no source run, so its final/ weights "
             "cannot be found; register versions from resnet-train runs"
         )
-    return _from_run(version.run_id, FINAL_ARTIFACTS, tracking_uri, uri)
+    # The version, not "latest" or an alias, is what this evaluation scored.
+    origin = f"models:/{version.name}/{version.version}"
+    return _from_run(version.run_id, FINAL_ARTIFACTS, tracking_uri, origin)
 
 
 def _from_location(uri: str, tracking_uri: str) -> TrainedModel:
     """A checkpoint directory, a run folder of checkpoints or a final/ folder, local or on S3."""
+    import pyarrow.fs as pafs
+
     fs, root = storage.resolve(uri)
-    prefix = root.rstrip("/") + "/"
-    files = {p.removeprefix(prefix) for p in storage.list_files(fs, root)}
+    try:
+        if fs.get_file_info(root).type == pafs.FileType.File:
+            raise EvalInputError(
+                f"{storage.redact(uri)} is a file; pass the folder that holds it — {_SOURCES}"
+            )
+        prefix = root.rstrip("/") + "/"
+        files = {p.removeprefix(prefix) for p in storage.list_files(fs, root)}
+    except OSError as e:  # S3: credentials, permissions, network
+        message = " ".join(str(e).split())[:200]
+        raise EvalInputError(f"cannot list {storage.redact(uri)} ({message})") from None
     if not files:
         raise EvalInputError(f"{storage.redact(uri)} does not exist or is empty; {_SOURCES}")
     if all(name in files for name in CHECKPOINT_FILES):
@@ -346,17 +358,15 @@ class Normalize(nn.Module):
             mean = mean.view(3, 1, 1)
         self.register_buffer("mean", mean.float().clone())
         self.register_buffer("std", None if std is None else std.float().view(3, 1, 1).clone())
-        self._resized: dict[tuple[int, int, torch.device], Tensor] = {}
 
     def _mean_for(self, height: int, width: int) -> Tensor:
         if self.mean.shape[-2:] in ((1, 1), (height, width)):
             return self.mean
-        key = (height, width, self.mean.device)
-        if key not in self._resized:
-            self._resized[key] = nn.functional.interpolate(
-                self.mean[None], size=(height, width), mode="bilinear", align_corners=False
-            )[0]
-        return self._resized[key]
+        # Not cached: whole images come in as many sizes as the dataset has; this costs far
+        # less than the forward pass it precedes.
+        return nn.functional.interpolate(
+            self.mean[None], size=(height, width), mode="bilinear", align_corners=False
+        )[0]
 
     def forward(self, x: Tensor) -> Tensor:
         x = x - self._mean_for(*x.shape[-2:])
@@ -1003,6 +1013,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         mode_results = summarize(results, modes)
     except EvalError as e:
         return _fail(e, EXIT_FAILED)
+    except ray.exceptions.RayError as e:  # a worker raised or died
+        cause = getattr(e, "cause", None) or e
+        first_line = str(cause).strip().splitlines()[0] if str(cause).strip() else ""
+        return _fail(f"a worker failed: {type(cause).__name__}: {first_line}", EXIT_FAILED)
     finally:
         if started:
             ray.shutdown()

@@ -58,8 +58,9 @@ def build_parser() -> argparse.ArgumentParser:
         "models:/<name>/<version|latest>",
     )
     parser.add_argument(
-        "--data", help="dataset whose manifest gives the normalisation and class names "
-        "(default: the one the model was trained on)"
+        "--data",
+        help="dataset whose manifest gives the normalisation and class names "
+        "(default: the one the model was trained on)",
     )
     parser.add_argument("--mode", default="center", choices=MODES, help="test protocol")
     parser.add_argument("images", nargs="+", metavar="IMAGE", help="image files")

@@ -974,6 +974,9 @@ def log_final_model(
             input_example=example,
             registered_model_name=registered,
             serialization_format="pt2",
+            # The flavor's own requirements (torch): MLflow would otherwise infer them by
+            # re-loading the model in a subprocess, about a minute on two cores.
+            pip_requirements=mlflow.pytorch.get_default_pip_requirements(),
         )
     client.set_tag(run_id, tracking.FINAL_MODEL_TAG, info.model_uri)
 

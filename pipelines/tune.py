@@ -41,7 +41,9 @@ import io
 import itertools
 import json
 import math
+import os
 import re
+import socket
 import sys
 import tempfile
 from collections.abc import Iterator, Mapping, Sequence
@@ -406,6 +408,24 @@ def asha_rungs(sweep: SweepConfig) -> list[int]:
     return rungs
 
 
+def scheduler(sweep: SweepConfig) -> ASHAScheduler | None:
+    """ASHA with rungs at :func:`asha_rungs`; None (run every trial to its end) without rungs.
+
+    ``max_t`` sits half an epoch below the last epoch and ``stop_last_trials`` is off, so a
+    trial that passed the last rung is never stopped at its final report: it finishes by
+    itself and Ray Train shuts its workers down cleanly.
+    """
+    if not asha_rungs(sweep):
+        return None
+    return ASHAScheduler(
+        time_attr=TIME_ATTR,
+        max_t=sweep.max_epochs - 0.5,
+        grace_period=sweep.grace_period,
+        reduction_factor=sweep.reduction_factor,
+        stop_last_trials=False,
+    )
+
+
 def describe(sweep: SweepConfig) -> str:
     rungs = asha_rungs(sweep)
     stopping = (
@@ -481,7 +501,9 @@ def run_trial(params: dict[str, Any], setup: TrialSetup) -> None:
         train.say(f"trial {trial_id}: continuing MLflow run {run_id}")
     trainer = build_trainer(
         config,
-        callbacks=[EvaluatedEpochReport(), tracking.MlflowReporter(setup.tracking_uri, run_id)],
+        # MLflow first: Tune may stop the trial as soon as it sees the result, and the
+        # epoch's metrics must be in the child run by then.
+        callbacks=[tracking.MlflowReporter(setup.tracking_uri, run_id), EvaluatedEpochReport()],
     )
     trainer.fit()
 
@@ -588,6 +610,38 @@ class ChildRunCloser(Callback):
 # ---------------------------------------------------------------------------------------------
 # The driver: MLflow parent, resources, the Tuner (new or restored)
 # ---------------------------------------------------------------------------------------------
+
+
+def start_ray(config: JobConfig, address: str | None) -> bool:
+    """resnet-train's connection (``--address``, ``RAY_ADDRESS``) or a local Ray sized for one
+    trial, whose dashboard address every worker knows. Returns True when this call started it.
+
+    Why the address: Ray Train's placement-group cleaner (the process that frees a trial's
+    worker reservations once Tune stopped the trial) finds the dashboard by scanning for local
+    Ray instances and gives up when there are several on the machine; the sweep would then stall
+    with every CPU reserved by stopped trials.
+    """
+    import ray
+
+    if ray.is_initialized() or address or os.environ.get("RAY_ADDRESS"):
+        return train.start_ray(config, address)
+    sc, d = config.scale, config.data
+    needed = sc.num_workers * (sc.cpus_per_worker + d.decode_cpus)
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    ray.init(
+        num_cpus=max(os.cpu_count() or 1, math.ceil(needed)),
+        dashboard_host="127.0.0.1",
+        dashboard_port=port,
+        runtime_env={"env_vars": {"RAY_API_SERVER_ADDRESS": f"http://127.0.0.1:{port}"}},
+    )
+    try:
+        train.check_cluster_gpus(config)
+    except ConfigError:
+        ray.shutdown()
+        raise
+    return True
 
 
 def concurrent_trials(config: JobConfig, cluster: Mapping[str, float], cap: int | None) -> int:
@@ -700,12 +754,7 @@ def fit_sweep(
             tune_config=tune.TuneConfig(
                 metric=METRIC,
                 mode="min",
-                scheduler=ASHAScheduler(
-                    time_attr=TIME_ATTR,
-                    max_t=sweep.max_epochs,
-                    grace_period=sweep.grace_period,
-                    reduction_factor=sweep.reduction_factor,
-                ),
+                scheduler=scheduler(sweep),
                 # Caps the trials in flight (TuneConfig.max_concurrent_trials does not apply to
                 # this search algorithm): a trial beyond what fits would hold its worker slots
                 # while the decode tasks that feed every trial wait for CPUs.
@@ -978,13 +1027,14 @@ def record_results(
         return None
     client.set_tag(parent_run_id, "best.trial_id", best.trial_id)
     client.set_tag(parent_run_id, "best.run_id", best.run_id)
-    client.set_tag(parent_run_id, "best.model_uri", f"runs:/{best.run_id}/model")
     client.log_metric(parent_run_id, "best/val_top1", best.final_top1)
     if tracking.FINAL_MODEL_TAG not in client.get_run(best.run_id).data.tags:
         from ray.train import Checkpoint
 
         checkpoint = Checkpoint(best.checkpoint_path, filesystem=filesystem)
         train.log_final_model(uri, best.run_id, best.config, manifest, checkpoint)
+    model_uri = client.get_run(best.run_id).data.tags[tracking.FINAL_MODEL_TAG]
+    client.set_tag(parent_run_id, "best.model_uri", model_uri)
     return best
 
 
@@ -1008,7 +1058,7 @@ def run_sweep(sweep: SweepConfig, manifest: Manifest, address: str | None) -> in
         flush=True,
     )
     try:
-        train.start_ray(sweep.first, address)
+        start_ray(sweep.first, address)
         concurrency = concurrent_trials(sweep.first, ray.cluster_resources(), sweep.max_concurrent)
         print(f"{concurrency} trials at a time on this cluster", flush=True)
         client.set_tag(parent_run_id, "tune.concurrent_trials", str(concurrency))
@@ -1074,7 +1124,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         train.check_locations(first)
         train.check_gpu_locally(first, args.address)
         if train.needs_demo_data(first):
-            train.start_ray(first, args.address)
+            start_ray(first, args.address)
             train.ensure_demo_data(first)
         manifest = check_dataset(sweep)
         return run_sweep(sweep, manifest, args.address)

@@ -24,6 +24,7 @@ import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
 import uuid
 from collections.abc import Callable, Mapping
@@ -170,6 +171,7 @@ class LocalCluster:
             RAY_CLI, "start",
             *args,
             "--node-ip-address=127.0.0.1",
+            f"--node-name={name}",
             f"--temp-dir={temp_dir}",
             f"--node-manager-port={node_manager}",
             f"--object-manager-port={object_manager}",
@@ -252,3 +254,54 @@ def base_env() -> dict[str, str]:
     env["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{env.get('PATH', '')}"
     env["PYTHONUNBUFFERED"] = "1"
     return env
+
+
+class StreamedProcess:
+    """A subprocess whose stdout is collected line by line while it runs (stderr merged)."""
+
+    def __init__(self, argv: list[str], env: Mapping[str, str], cwd: Path) -> None:
+        self.lines: list[str] = []
+        self._changed = threading.Condition()
+        self.process = subprocess.Popen(
+            argv,
+            env=dict(env),
+            cwd=cwd,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
+        )
+        self._reader = threading.Thread(target=self._read, daemon=True)
+        self._reader.start()
+
+    def _read(self) -> None:
+        for line in self.process.stdout:
+            with self._changed:
+                self.lines.append(line.rstrip("\n"))
+                self._changed.notify_all()
+
+    @property
+    def output(self) -> str:
+        return "\n".join(self.lines)
+
+    def wait_for(self, text: str, timeout: float) -> None:
+        """Return once a line contains ``text``; AssertionError if the process ends first or
+        ``timeout`` seconds pass."""
+        deadline = time.monotonic() + timeout
+        with self._changed:
+            while not any(text in line for line in self.lines):
+                if self.process.poll() is not None or time.monotonic() > deadline:
+                    raise AssertionError(
+                        f"no line with {text!r} (exit {self.process.poll()}):\n{self.output}"
+                    )
+                self._changed.wait(timeout=1.0)
+
+    def finish(self, timeout: float) -> int:
+        """The exit status; the process is killed (and AssertionError raised) after ``timeout``."""
+        try:
+            status = self.process.wait(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            self.process.kill()
+            self.process.wait()
+            raise AssertionError(f"still running after {timeout} s:\n{self.output}") from None
+        self._reader.join(timeout=10)
+        return status

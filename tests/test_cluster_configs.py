@@ -20,6 +20,7 @@ import json
 import os
 import re
 import shlex
+import signal
 import socket
 import subprocess
 import sys
@@ -816,10 +817,11 @@ def test_mlflow_server_with_the_deployed_flags_rejects_anonymous_and_default_pas
     server = subprocess.Popen(
         [mlflow_cli, "server", *args], env=env, cwd=tmp_path,
         stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
+        start_new_session=True,  # its own process group: the server forks workers
     )  # fmt: skip
     base = f"http://127.0.0.1:{port}"
     try:
-        deadline = time.monotonic() + 120
+        deadline = time.monotonic() + 300
         while True:
             assert server.poll() is None, server.stderr.read()
             assert time.monotonic() < deadline, "MLflow server did not start"
@@ -835,5 +837,9 @@ def test_mlflow_server_with_the_deployed_flags_rejects_anonymous_and_default_pas
         assert _get(api, ("admin", admin_password)) == 200
         assert _get(f"{base}/api/2.0/mlflow-artifacts/artifacts") == 401
     finally:
-        server.terminate()
-        server.wait(timeout=30)
+        os.killpg(server.pid, signal.SIGTERM)
+        try:
+            server.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            os.killpg(server.pid, signal.SIGKILL)
+            server.wait(timeout=30)

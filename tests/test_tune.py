@@ -1,0 +1,402 @@
+"""resnet-tune end to end on a real local Ray and a real MLflow store (SQLite in tmp_path).
+
+- A bad search space exits 2 with one line before Ray starts.
+- A 4-trial ASHA sweep (two depths × a good and a terrible lr) stops trials early, releases every
+  placement group, and leaves one parent and four child MLflow runs, a leaderboard, two plots
+  and a registered model.
+- A sweep whose driver is SIGKILLed resumes when the same command runs again: the finished
+  trial is not re-run, the unfinished one completes, the MLflow runs are the same ones.
+
+The module's Ray cluster (2 CPUs) names its dashboard in every worker's environment (see
+``pipelines.tune.start_ray`` for why); after ``ray.shutdown`` no Ray process of ours is left.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+from PIL import Image
+
+from pipelines import tracking
+from pipelines import tune as tune_cmd
+
+pytestmark = pytest.mark.slow
+
+REPO = Path(__file__).resolve().parents[1]
+EPOCHS = 3
+
+
+def ray_process_ids() -> set[int]:
+    """PIDs of raylet and gcs_server processes on this machine (read from /proc)."""
+    found = set()
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            command = (entry / "cmdline").read_bytes().split(b"\0")[0]
+        except OSError:
+            continue
+        if command.endswith((b"/raylet", b"/gcs_server")):
+            found.add(int(entry.name))
+    return found
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def sweep_args(data: Path, storage: Path, name: str, *extra: str) -> list[str]:
+    """One worker per trial with half a CPU and half a CPU of decoding: two trials fit in 2 CPUs."""
+    return [
+        "--data", str(data),
+        "--storage", str(storage),
+        "--name", name,
+        "--workers", "1",
+        "--cpus-per-worker", "0.5",
+        "--max-concurrent", "2",
+        *extra,
+        "data.decode_cpus=0.5",
+        "train.global_batch=16",
+    ]  # fmt: skip
+
+
+# ---------------------------------------------------------------------------------------------
+# Bad search spaces: nothing starts (runs first, before the module's Ray exists)
+# ---------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("space", "expected"),
+    [
+        (["--lr", "0,0.1"], "optim.lr=0.0 must be positive"),
+        (["--lr", "1e-1:1e-3"], "0 < low < high"),
+        (["--lr", "0.1,,0.2"], "is not a list like 0.01,0.1"),
+        (["--models", "resnet8,resnet9"], "model.name='resnet9' is not a ResNet v1 model"),
+        (["--models", "resnet8,"], "has an empty entry"),
+        (["--batch", "30", "--workers", "4"], "not divisible by scale.num_workers=4"),
+        (["--weight-decay", "0:1e-3"], "0 < low < high"),
+        (["--grace-period", "5", "--epochs", "3"], "grace period <= epochs"),
+    ],
+)
+def test_bad_search_space_exits_2_before_ray(
+    space: list[str], expected: str, tmp_path: Path, capsys, monkeypatch
+) -> None:
+    import ray
+
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path / 'mlflow.db'}")
+    before = ray_process_ids()
+    status = tune_cmd.main(
+        ["--data", str(tmp_path / "no-data"), "--storage", str(tmp_path / "results"), *space]
+    )
+    err = capsys.readouterr().err
+    assert status == 2
+    assert err.startswith("resnet-tune: "), err
+    assert err.count("\n") == 1, err
+    assert expected in err
+    assert not ray.is_initialized()
+    assert ray_process_ids() <= before
+    assert not (tmp_path / "results").exists()
+    assert not (tmp_path / "mlflow.db").exists()
+
+
+# ---------------------------------------------------------------------------------------------
+# Real sweeps on one module-wide Ray
+# ---------------------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def ray_address() -> Iterator[str]:
+    """A local Ray (2 CPUs); yields its GCS address. On teardown: shut down, then check that no
+    raylet/gcs_server of ours survived and that ``~/.ray`` was not created."""
+    import ray
+
+    before = ray_process_ids()
+    home_ray = Path.home() / ".ray"
+    had_home_ray = home_ray.exists()
+    port = free_port()
+    with pytest.MonkeyPatch.context() as env:
+        env.setenv("RAY_AUTH_MODE", "disabled")
+        # Set before ray.init so the raylet, and so every worker of every job, inherits it.
+        env.setenv("RAY_API_SERVER_ADDRESS", f"http://127.0.0.1:{port}")
+        context = ray.init(
+            num_cpus=2,
+            include_dashboard=True,
+            dashboard_host="127.0.0.1",
+            dashboard_port=port,
+            log_to_driver=False,
+        )
+        try:
+            yield context.address_info["gcs_address"]
+        finally:
+            ray.shutdown()
+    deadline = time.monotonic() + 60
+    while ray_process_ids() - before and time.monotonic() < deadline:
+        time.sleep(1)
+    assert not ray_process_ids() - before, "Ray processes left behind after ray.shutdown()"
+    assert had_home_ray or not home_ray.exists()
+
+
+@pytest.fixture(scope="module")
+def dataset(ray_address: str, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """4 synthetic classes × (100 train + 25 val) 32×32 images."""
+    from pipelines import prepare
+
+    out = tmp_path_factory.mktemp("tune-data") / "synthetic"
+    status = prepare.main(
+        [
+            "synthetic",
+            "--classes", "4",
+            "--train-per-class", "100",
+            "--val-per-class", "25",
+            "--out", str(out),
+        ]
+    )  # fmt: skip
+    assert status == 0
+    return out
+
+
+@pytest.fixture
+def mlflow_uri(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> str:
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
+    return uri
+
+
+def run_with_deadline(argv: list[str], seconds: float) -> int:
+    """``tune.main(argv)`` in a thread; fails the test instead of hanging forever."""
+    outcome: dict[str, object] = {}
+
+    def target() -> None:
+        try:
+            outcome["status"] = tune_cmd.main(argv)
+        except BaseException as e:
+            outcome["error"] = e
+
+    thread = threading.Thread(target=target, daemon=True)
+    thread.start()
+    thread.join(seconds)
+    if thread.is_alive():
+        pytest.fail(f"resnet-tune {' '.join(argv)} still running after {seconds:.0f} s (hang)")
+    if "error" in outcome:
+        raise outcome["error"]  # type: ignore[misc]
+    return outcome["status"]  # type: ignore[return-value]
+
+
+def wait_for_no_reserved_groups(seconds: float) -> list[dict]:
+    """Placement groups still CREATED after waiting up to ``seconds`` (release is asynchronous)."""
+    from ray.util import placement_group_table
+
+    deadline = time.monotonic() + seconds
+    while True:
+        reserved = [pg for pg in placement_group_table().values() if pg["state"] == "CREATED"]
+        if not reserved or time.monotonic() > deadline:
+            return reserved
+        time.sleep(1)
+
+
+def sweep_runs(client, name: str) -> tuple[object, list]:
+    """(parent run, child runs) of the sweep ``name``."""
+    experiment = client.get_experiment_by_name("resnet-ray")
+    parents = client.search_runs(
+        [experiment.experiment_id], f"tags.`{tracking.RUN_NAME_TAG}` = '{name}'"
+    )
+    assert len(parents) == 1, [p.info.run_name for p in parents]
+    parent = parents[0]
+    children = client.search_runs(
+        [experiment.experiment_id], f"tags.`mlflow.parentRunId` = '{parent.info.run_id}'"
+    )
+    return parent, children
+
+
+def test_asha_sweep_stops_trials_early_and_records_everything(
+    ray_address: str, dataset: Path, mlflow_uri: str, tmp_path: Path, capsys
+) -> None:
+    import mlflow
+    from mlflow.tracking import MlflowClient
+
+    storage = tmp_path / "results"
+    argv = sweep_args(
+        dataset,
+        storage,
+        "asha",
+        "--models", "resnet8,resnet14",
+        "--lr", "0.1,0.0001",  # 1e-4 barely moves the weights in an epoch: ASHA stops it
+        "--epochs", str(EPOCHS),
+        "--grace-period", "1",
+        "--reduction-factor", "2",
+    )  # fmt: skip
+    status = run_with_deadline(argv, seconds=1200)
+    out = capsys.readouterr().out
+    assert status == 0, out[-3000:]
+    assert wait_for_no_reserved_groups(30) == []
+
+    client = MlflowClient(tracking_uri=mlflow_uri)
+    parent, children = sweep_runs(client, "asha")
+    assert parent.info.status == "FINISHED"
+    assert parent.data.params["sweep.models"] == "resnet8,resnet14"
+    assert "optim.lr" not in parent.data.params  # swept: a per-child param
+    assert len(children) == 4
+    grid = {(c.data.params["model.name"], float(c.data.params["optim.lr"])) for c in children}
+    assert grid == {(m, lr) for m in ("resnet8", "resnet14") for lr in (0.1, 0.0001)}
+    epochs_run = {}
+    for child in children:
+        assert child.info.status == "FINISHED"
+        assert child.info.run_name.startswith("asha-")
+        params = child.data.params
+        assert params["train.epochs"] == str(EPOCHS)
+        assert params["train.global_batch"] == "16"
+        # Epochs Tune saw; MLflow may hold one more (logged while Tune was stopping it).
+        ran = int(child.data.tags["tune.epochs_run"])
+        epochs_run[child.info.run_name] = ran
+        assert child.data.tags["stopped_early"] == str(ran < EPOCHS).lower()
+        history = client.get_metric_history(child.info.run_id, "epoch")
+        epochs = [int(m.value) for m in history]
+        assert epochs == list(range(1, len(epochs) + 1))
+        assert len(epochs) >= ran
+    assert min(epochs_run.values()) < EPOCHS, epochs_run  # ASHA stopped at least one trial
+    assert max(epochs_run.values()) == EPOCHS
+
+    best_run_id = parent.data.tags["best.run_id"]
+    best = client.get_run(best_run_id)
+    assert best.data.tags["stopped_early"] == "false"
+    assert best.data.params["optim.lr"] == "0.1"
+    assert parent.data.tags["best.model_uri"] == best.data.tags[tracking.FINAL_MODEL_TAG]
+    registered = f"resnet-ray-{best.data.params['model.name']}"
+    versions = client.search_model_versions(f"name = '{registered}'")
+    assert [v.run_id for v in versions] == [best_run_id]
+    assert math.isclose(
+        parent.data.metrics["best/val_top1"],
+        client.get_metric_history(best_run_id, "val/top1")[-1].value,
+    )
+
+    artifacts = Path(
+        mlflow.artifacts.download_artifacts(
+            run_id=parent.info.run_id, dst_path=str(tmp_path / "art"), tracking_uri=mlflow_uri
+        )
+    )
+    rows = (artifacts / "leaderboard" / "leaderboard.csv").read_text().splitlines()
+    assert rows[0].startswith("rank,trial,model,lr,weight_decay,batch,best_val_top1")
+    assert len(rows) == 1 + 4
+    assert rows[1].split(",")[-1] == best_run_id  # ranked first
+    assert (artifacts / "leaderboard" / "leaderboard.md").read_text().count("\n") == 2 + 4
+    for png in ("val_error_vs_lr.png", "best_curves_per_depth.png"):
+        with Image.open(artifacts / "plots" / png) as image:
+            image.verify()
+    assert "| 1 |" in out
+    assert "stopped_early" in out
+    # Train runs of the trials and the Tune experiment share the storage root.
+    assert (storage / "asha").is_dir()
+    assert sorted(p.name for p in storage.glob("asha-*")) == sorted(epochs_run)
+
+
+def trial_finished(experiment: Path) -> str | None:
+    """The id of a trial the (running) sweep has recorded as finished, if any."""
+    from ray import tune
+
+    if not tune.Tuner.can_restore(str(experiment)):
+        return None
+    try:
+        trials = tune_cmd.trial_statuses(str(experiment), None)
+    except (OSError, ValueError):
+        return None  # the state file is being rewritten
+    return next((t.trial_id for t in trials if t.status == "TERMINATED"), None)
+
+
+def folder_snapshot(root: Path) -> dict[str, tuple[int, int]]:
+    return {
+        str(p.relative_to(root)): (p.stat().st_size, p.stat().st_mtime_ns)
+        for p in root.rglob("*")
+        if p.is_file()
+    }
+
+
+def test_sweep_resumes_after_its_driver_is_killed(
+    ray_address: str, dataset: Path, mlflow_uri: str, tmp_path: Path, capsys
+) -> None:
+    from mlflow.tracking import MlflowClient
+
+    storage = tmp_path / "results"
+    # Two trials one after the other, no early stopping (grace period = epochs).
+    argv = sweep_args(
+        dataset,
+        storage,
+        "resume",
+        "--models", "resnet8",
+        "--lr", "0.1,0.05",
+        "--epochs", "2",
+        "--grace-period", "2",
+        "--max-concurrent", "1",
+    )  # fmt: skip
+    env = {
+        **os.environ,
+        "RAY_ADDRESS": ray_address,
+        "RAY_AUTH_MODE": "disabled",
+        "MLFLOW_TRACKING_URI": mlflow_uri,
+    }
+    log = tmp_path / "first-run.log"
+    with log.open("w") as out:
+        driver = subprocess.Popen(
+            [sys.executable, "-m", "pipelines.tune", *argv],
+            cwd=tmp_path,
+            env={**env, "PYTHONPATH": str(REPO)},
+            stdout=out,
+            stderr=subprocess.STDOUT,
+        )
+    try:
+        deadline = time.monotonic() + 900
+        finished = None
+        while finished is None:
+            assert driver.poll() is None, "sweep ended before it was killed:\n" + log.read_text()
+            assert time.monotonic() < deadline, "no trial finished in time:\n" + log.read_text()
+            time.sleep(2)
+            finished = trial_finished(storage / "resume")
+    finally:
+        driver.send_signal(signal.SIGKILL)
+        driver.wait()
+
+    client = MlflowClient(tracking_uri=mlflow_uri)
+    parent, children = sweep_runs(client, "resume")
+    finished_child = next(c for c in children if c.info.run_name == f"resume-{finished}")
+    assert finished_child.info.status == "FINISHED"
+    history_before = client.get_metric_history(finished_child.info.run_id, "val/error")
+    train_folder = storage / f"resume-{finished}"
+    snapshot = folder_snapshot(train_folder)
+    assert snapshot
+
+    # The killed driver's job is gone: its reservations are released before the re-run.
+    assert wait_for_no_reserved_groups(60) == []
+    status = run_with_deadline(argv, seconds=900)
+    out = capsys.readouterr().out
+    assert status == 0, out[-3000:]
+    assert "resuming sweep resume: 1 of 2 trials already finished" in out
+
+    parent_after, children_after = sweep_runs(client, "resume")
+    assert parent_after.info.run_id == parent.info.run_id
+    assert parent_after.info.status == "FINISHED"
+    assert len(children_after) == 2
+    assert {c.info.run_id for c in children} <= {c.info.run_id for c in children_after}
+    # The finished trial was not trained again: same files, same metric history.
+    assert folder_snapshot(train_folder) == snapshot
+    history_after = client.get_metric_history(finished_child.info.run_id, "val/error")
+    assert [(m.step, m.value, m.timestamp) for m in history_after] == [
+        (m.step, m.value, m.timestamp) for m in history_before
+    ]
+    for child in children_after:
+        assert child.info.status == "FINISHED"
+        assert child.data.tags["tune.outcome"] == "completed"
+        steps = [m.step for m in client.get_metric_history(child.info.run_id, "train/window_loss")]
+        assert steps == sorted(set(steps))  # resumed runs log no step twice
+        epochs = [m.value for m in client.get_metric_history(child.info.run_id, "epoch")]
+        assert epochs == [1.0, 2.0]
