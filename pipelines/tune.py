@@ -4,7 +4,7 @@ MLflow shows one parent run per sweep with one child run per trial.
 
 Run from a checkout:
 
-    resnet-tune                                               # demo recipe, synthetic shards
+    resnet-tune                          # or: python -m pipelines.tune; demo recipe + shards
     resnet-tune --recipe cifar-paper --data data/cifar10 --models resnet20,resnet32,resnet56 \\
         --lr 0.02,0.05,0.1,0.2 --workers 1 --name cifar-depth-lr train.epochs=30
     resnet-tune --recipe cifar-paper --data data/cifar10 --models resnet20,resnet56 \\
@@ -20,17 +20,18 @@ flags, dotted overrides); the search space replaces ``model.name``, ``optim.lr``
 is validated before anything starts.
 
 Early stopping: ASHA (Li et al., "A System for Massively Parallel Hyperparameter Tuning", 2020)
-on the validation error, rungs at ``grace_period · reduction_factor^k`` epochs. A stopped trial
-ends FINISHED in MLflow with the tag ``stopped_early=true`` (its curve is a valid, shorter run);
-a trial that failed after ``--max-failures`` retries ends FAILED.
+on the validation error, rungs at ``grace_period · reduction_factor^k`` epochs below the last
+epoch (a trial that passes the last rung runs to its end). A stopped trial ends FINISHED in
+MLflow with the tag ``stopped_early=true`` (its curve is a valid, shorter run); a trial that
+failed after ``--max-failures`` retries ends FAILED.
 
 Resume: re-running the same command (same ``--name``) after the driver died restores the sweep
 from ``<storage>/<name>/``: finished trials are kept, unfinished and errored ones continue from
 their own Train checkpoints (``<storage>/<name>-<trial id>/``) and MLflow runs. At the end the
 leaderboard (printed, and CSV + Markdown on the parent run), plots of validation error against
 lr per depth and of the best trial's curves per depth, and the best trial's model (logged and
-registered) are recorded. Exit status: 0 every trial ended well, 1 a trial failed, 2 bad
-configuration (nothing started).
+registered) are recorded. Exit status: 0 every trial ended well, 1 a trial failed or the sweep
+was interrupted (run it again to resume), 2 bad configuration (nothing started).
 """
 
 from __future__ import annotations
@@ -212,28 +213,24 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def parse_values(text: str, flag: str, *, allow_range: bool = True) -> Values:
+def parse_values(text: str, flag: str) -> Values:
     """``"0.01,0.1"`` → ``(0.01, 0.1)``; ``"1e-3:1e-1"`` → ``LogRange(0.001, 0.1)``."""
-    example = "a list like 0.01,0.1" + (" or a range like 1e-3:1e-1" if allow_range else "")
+    bounds = text.split(":")
     try:
-        if ":" in text and allow_range:
-            low_text, high_text = text.split(":")
-            low, high = float(low_text), float(high_text)
-            if not 0 < low < high:
-                raise ConfigError(
-                    f"{flag} {text}: a range is low:high with 0 < low < high (sampled "
-                    "log-uniformly), e.g. 1e-3:1e-1"
-                )
-            return LogRange(low, high)
-        items = [item.strip() for item in text.split(",")]
-        if not items or any(not item for item in items):
-            raise ValueError(text)
-        values = tuple(float(item) for item in items)
-    except ValueError as e:
-        if isinstance(e, ConfigError):
-            raise
-        raise ConfigError(f"{flag} {text!r} is not {example}") from None
-    return values
+        numbers = tuple(float(item) for item in (bounds if len(bounds) == 2 else text.split(",")))
+    except ValueError:
+        raise ConfigError(
+            f"{flag} {text!r} is not a list like 0.01,0.1 or a range like 1e-3:1e-1"
+        ) from None
+    if len(bounds) != 2:
+        return numbers
+    low, high = numbers
+    if not 0 < low < high:
+        raise ConfigError(
+            f"{flag} {text}: a range is low:high with 0 < low < high (sampled log-uniformly), "
+            "e.g. 1e-3:1e-1"
+        )
+    return LogRange(low, high)
 
 
 def parse_names(text: str, flag: str) -> tuple[str, ...]:
@@ -278,19 +275,16 @@ def resolve_sweep(args: argparse.Namespace) -> SweepConfig:
         base_args = argparse.Namespace(**{**vars(args), "model": model, "name": None})
         config = train.absolute_locations(train.resolve_config(base_args))
         bases[config.model.name] = config
-    values = {
-        "num_samples": args.num_samples,
-        "grace_period": args.grace_period,
-        "reduction_factor": args.reduction_factor,
-        "max_failures": args.max_failures,
-    }
-    minimum = {"num_samples": 1, "grace_period": 1, "reduction_factor": 2, "max_failures": 0}
-    for key, value in values.items():
-        if value < minimum[key]:
-            flag = "--" + key.replace("_", "-")
-            raise ConfigError(f"{flag} {value} must be at least {minimum[key]}")
-    if args.max_concurrent is not None and args.max_concurrent < 1:
-        raise ConfigError(f"--max-concurrent {args.max_concurrent} must be at least 1")
+    max_concurrent = 1 if args.max_concurrent is None else args.max_concurrent
+    for flag, value, least in (
+        ("--num-samples", args.num_samples, 1),
+        ("--grace-period", args.grace_period, 1),
+        ("--reduction-factor", args.reduction_factor, 2),
+        ("--max-failures", args.max_failures, 0),
+        ("--max-concurrent", max_concurrent, 1),
+    ):
+        if value < least:
+            raise ConfigError(f"{flag} {value} must be at least {least}")
     sweep = SweepConfig(
         name=name,
         bases=bases,
@@ -307,14 +301,12 @@ def resolve_sweep(args: argparse.Namespace) -> SweepConfig:
         max_failures=args.max_failures,
         seed=args.seed,
     )
-    if sweep.grace_period > min(c.train.epochs for c in bases.values()):
+    shortest = min(c.train.epochs for c in bases.values())
+    if sweep.grace_period > shortest:
         raise ConfigError(
-            f"--grace-period {sweep.grace_period} exceeds train.epochs="
-            f"{min(c.train.epochs for c in bases.values())}; ASHA needs grace period <= epochs"
+            f"--grace-period {sweep.grace_period} exceeds train.epochs={shortest}; ASHA needs "
+            "grace period <= epochs"
         )
-    roots = {c.run.storage_path for c in bases.values()}
-    if len(roots) > 1:
-        raise ConfigError(f"the models' recipes store runs in different places {sorted(roots)}")
     return sweep
 
 
@@ -561,9 +553,12 @@ def close_child_run(client: Any, run_id: str, outcome: str, epochs_run: int) -> 
     with ``stopped_early=true`` (a shorter but valid run whose curves stay comparable)."""
     if outcome == UNFINISHED:
         return
-    client.set_tag(run_id, "tune.outcome", outcome)
-    client.set_tag(run_id, "tune.epochs_run", str(epochs_run))
-    client.set_tag(run_id, "stopped_early", str(outcome == STOPPED).lower())
+    tags = {
+        "tune.outcome": outcome,
+        "tune.epochs_run": str(epochs_run),
+        "stopped_early": str(outcome == STOPPED).lower(),
+    }
+    tracking.set_tags(client, run_id, tags)
     client.set_terminated(run_id, "FAILED" if outcome == FAILED else "FINISHED")
 
 
@@ -677,13 +672,9 @@ def open_parent_run(
 ) -> tuple[str, str, bool]:
     """``(experiment_id, parent_run_id, resumed)``; the parent is found again by sweep name.
     Resuming a sweep with a different space or base config raises ConfigError (new --name)."""
-    base = sweep.first
-    experiment_id = tracking.ensure_experiment(client, base.run.experiment, uri)
+    experiment_id = tracking.ensure_experiment(client, sweep.first.run.experiment, uri)
     tags = {
-        **tracking.environment_tags(),
-        "recipe": base.recipe,
-        "dataset.checksum": manifest.checksum,
-        "dataset.uri": tracking.strip_userinfo(base.data.uri),
+        **sweep_tags(sweep, manifest),
         "tune.experiment_path": storage.redact(storage.join(sweep.storage_root, sweep.name)),
     }
     run_id, resumed = tracking.find_or_create_run(client, experiment_id, sweep.name, tags=tags)
@@ -694,14 +685,14 @@ def open_parent_run(
     return experiment_id, run_id, resumed
 
 
-def trial_tags(sweep: SweepConfig, manifest: Manifest) -> dict[str, str]:
-    """Tags every child run carries (the model and trial id are added per trial)."""
+def sweep_tags(sweep: SweepConfig, manifest: Manifest) -> dict[str, str]:
+    """Tags of the parent and of every child (each child adds its model and trial id)."""
     base = sweep.first
     return {
         **tracking.environment_tags(),
         "recipe": base.recipe,
         "dataset.checksum": manifest.checksum,
-        "dataset.uri": tracking.strip_userinfo(base.data.uri),
+        "dataset.uri": storage.redact(base.data.uri),
         "cluster.workers": str(base.scale.num_workers),
         "cluster.use_gpu": str(base.scale.use_gpu),
         "tune.sweep": sweep.name,
@@ -715,7 +706,7 @@ def experiment_location(sweep: SweepConfig) -> tuple[str, Any]:
 
     fs, path = storage.resolve(sweep.storage_root)
     if isinstance(fs, pafs.LocalFileSystem):
-        return str(Path(sweep.storage_root, sweep.name)), None
+        return f"{sweep.storage_root.rstrip('/')}/{sweep.name}", None
     return f"{path.rstrip('/')}/{sweep.name}", fs
 
 
@@ -740,8 +731,8 @@ def fit_sweep(
         trials = trial_statuses(experiment, filesystem)
         done = sum(t.status == "TERMINATED" for t in trials)
         print(
-            f"resuming sweep {sweep.name}: {done} of {len(trials)} trials already finished; "
-            "the others continue from their Train checkpoints",
+            f"resuming sweep {sweep.name}: {done} finished trials kept as they are; "
+            "unfinished ones continue from their Train checkpoints",
             flush=True,
         )
         tuner = tune.Tuner.restore(
@@ -765,9 +756,7 @@ def fit_sweep(
             ),
             run_config=tune.RunConfig(
                 name=sweep.name,
-                storage_path=str(Path(experiment).parent)
-                if filesystem is None
-                else experiment.rsplit("/", 1)[0],
+                storage_path=experiment.rsplit("/", 1)[0],
                 storage_filesystem=filesystem,
                 failure_config=tune.FailureConfig(max_failures=sweep.max_failures),
                 callbacks=[closer],
@@ -790,16 +779,20 @@ class TrialRow:
     trial_id: str
     run_id: str | None
     config: JobConfig  # the trial's resolved config
-    model: str
-    lr: float
-    weight_decay: float
-    batch: int
     best_top1: float  # best validation top-1 over the evaluated epochs
     final_top1: float  # at the last evaluated epoch: the checkpoint that would be kept
     epochs_run: int
     planned_epochs: int
     outcome: str
     checkpoint_path: str | None
+
+    @property
+    def model(self) -> str:
+        return self.config.model.name
+
+    @property
+    def lr(self) -> float:
+        return self.config.optim.lr
 
 
 def collect_rows(
@@ -825,10 +818,6 @@ def collect_rows(
                 trial_id=trial.trial_id,
                 run_id=run_id,
                 config=config,
-                model=config.model.name,
-                lr=config.optim.lr,
-                weight_decay=config.optim.weight_decay,
-                batch=config.train.global_batch,
                 best_top1=max((m.value for m in history), default=math.nan),
                 final_top1=float(last.get("val/top1", math.nan)),
                 epochs_run=epochs_run,
@@ -879,8 +868,8 @@ def leaderboard_records(rows: Sequence[TrialRow]) -> list[dict[str, str]]:
             "trial": row.trial_id,
             "model": row.model,
             "lr": f"{row.lr:.4g}",
-            "weight_decay": f"{row.weight_decay:.3g}",
-            "batch": str(row.batch),
+            "weight_decay": f"{row.config.optim.weight_decay:.3g}",
+            "batch": str(row.config.train.global_batch),
             "best_val_top1": pct(row.best_top1),
             "final_val_top1": pct(row.final_top1),
             "epochs": f"{row.epochs_run}/{row.planned_epochs}",
@@ -994,8 +983,8 @@ def record_results(
     rows: Sequence[TrialRow],
     filesystem: Any,
 ) -> TrialRow | None:
-    """Close every child, log the leaderboard and plots to the parent, register the best model.
-    Returns the best row."""
+    """Close every child, log the leaderboard and plots to the parent, and log and register the
+    best trial's model (once the sweep is complete). Returns the best row, or None."""
     for row in rows:
         if row.run_id:
             close_child_run(client, row.run_id, row.outcome, row.epochs_run)
@@ -1023,18 +1012,20 @@ def record_results(
             plot_best_curves(curves, plots / "best_curves_per_depth.png")
         client.log_artifacts(parent_run_id, str(plots), artifact_path="plots")
     best = best_row(rows)
-    if best is None or best.run_id is None:
-        return None
-    client.set_tag(parent_run_id, "best.trial_id", best.trial_id)
-    client.set_tag(parent_run_id, "best.run_id", best.run_id)
-    client.log_metric(parent_run_id, "best/val_top1", best.final_top1)
+    if best is None or best.run_id is None or any(r.outcome == UNFINISHED for r in rows):
+        return None  # an interrupted sweep registers nothing: its best may still change
     if tracking.FINAL_MODEL_TAG not in client.get_run(best.run_id).data.tags:
         from ray.train import Checkpoint
 
         checkpoint = Checkpoint(best.checkpoint_path, filesystem=filesystem)
         train.log_final_model(uri, best.run_id, best.config, manifest, checkpoint)
-    model_uri = client.get_run(best.run_id).data.tags[tracking.FINAL_MODEL_TAG]
-    client.set_tag(parent_run_id, "best.model_uri", model_uri)
+    tags = {
+        "best.trial_id": best.trial_id,
+        "best.run_id": best.run_id,
+        "best.model_uri": client.get_run(best.run_id).data.tags[tracking.FINAL_MODEL_TAG],
+    }
+    tracking.set_tags(client, parent_run_id, tags)
+    client.log_metric(parent_run_id, "best/val_top1", best.final_top1)
     return best
 
 
@@ -1068,7 +1059,7 @@ def run_sweep(sweep: SweepConfig, manifest: Manifest, address: str | None) -> in
             tracking_uri=uri,
             experiment_id=experiment_id,
             parent_run_id=parent_run_id,
-            tags=trial_tags(sweep, manifest),
+            tags=sweep_tags(sweep, manifest),
         )
         closer = ChildRunCloser(uri, experiment_id, sweep.name, sweep.bases, manifest)
         experiment, filesystem = fit_sweep(sweep, setup, closer, concurrency)
@@ -1082,9 +1073,7 @@ def run_sweep(sweep: SweepConfig, manifest: Manifest, address: str | None) -> in
     failed = [r.trial_id for r in rows if r.outcome == FAILED]
     if unfinished:
         client.set_terminated(parent_run_id, "KILLED")
-        print(
-            f"sweep interrupted with {len(unfinished)} trials unfinished; run the same command to resume"
-        )
+        print(f"sweep interrupted ({len(unfinished)} trials unfinished): re-run it to resume")
         return 1
     client.set_terminated(parent_run_id, "FINISHED")
     if best is not None:
@@ -1093,9 +1082,7 @@ def run_sweep(sweep: SweepConfig, manifest: Manifest, address: str | None) -> in
             f"{100 * best.final_top1:.2f}%; model logged to MLflow run {best.run_id}"
         )
     if failed:
-        print(
-            f"{len(failed)} trials failed: {', '.join(failed)} (see their MLflow runs and Tune logs)"
-        )
+        print(f"{len(failed)} trials failed: {', '.join(failed)} (see their MLflow runs)")
     print(f"open the MLflow UI: {tracking.ui_command(uri)}")
     return 1 if failed or best is None else 0
 

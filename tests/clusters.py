@@ -190,6 +190,8 @@ class LocalCluster:
         )
         if done.returncode != 0:
             raise RuntimeError(f"`ray start` for node {name} failed:\n{done.stdout}\n{done.stderr}")
+        if not list(temp_dir.glob("session_*")):
+            raise RuntimeError(f"node {name} did not use its temp dir {temp_dir}")
         return node
 
     def start_head(

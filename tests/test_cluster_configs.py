@@ -264,7 +264,14 @@ def test_aws_commands_use_only_existing_flags_and_the_pinned_image():
 
 
 def test_iam_policies_grant_only_what_the_nodes_use():
-    for name in ("head-policy.json", "worker-policy.json", "mlflow-policy.json"):
+    names = sorted(p.name for p in (CLUSTER / "aws-iam").glob("*.json"))
+    assert names == [
+        "head-policy.json",
+        "mlflow-policy.json",
+        "pods-policy.json",
+        "worker-policy.json",
+    ]
+    for name in names:
         policy = json.loads(rendered(f"aws-iam/{name}"))
         for statement in policy["Statement"]:
             assert statement["Effect"] == "Allow"
@@ -440,7 +447,9 @@ def test_mlflow_server_is_authenticated_private_and_proxies_artifacts():
     env = {e["name"]: e for e in container["env"]}
     assert env["MLFLOW_AUTH_ADMIN_PASSWORD"]["valueFrom"]["secretKeyRef"]["name"] == "mlflow-auth"
     assert env["MLFLOW_BACKEND_STORE_URI"]["valueFrom"]["secretKeyRef"]["name"] == "mlflow-db"
-    assert env["MLFLOW_FLASK_SERVER_SECRET_KEY"]["valueFrom"]["secretKeyRef"]["name"] == "mlflow-auth"
+    assert (
+        env["MLFLOW_FLASK_SERVER_SECRET_KEY"]["valueFrom"]["secretKeyRef"]["name"] == "mlflow-auth"
+    )
     config_map = next(o for _, o in k8s_objects() if o["kind"] == "ConfigMap")
     auth_ini = config_map["data"]["basic_auth.ini"]
     assert "admin_password" not in auth_ini
@@ -760,14 +769,16 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def _get(url: str, auth: tuple[str, str] | None = None) -> int:
+def _request(url: str, auth: tuple[str, str] | None = None, body: dict | None = None) -> int:
+    """HTTP status of a GET (or a JSON POST when ``body`` is given), with basic auth if given."""
     import base64
 
-    request = urllib.request.Request(url)
+    data = None if body is None else json.dumps(body).encode()
+    request = urllib.request.Request(url, data=data, method="GET" if body is None else "POST")
+    request.add_header("Content-Type", "application/json")
     if auth:
-        request.add_header(
-            "Authorization", "Basic " + base64.b64encode(":".join(auth).encode()).decode()
-        )
+        credentials = base64.b64encode(":".join(auth).encode()).decode()
+        request.add_header("Authorization", f"Basic {credentials}")
     try:
         with urllib.request.urlopen(request, timeout=10) as response:
             return response.status
@@ -826,16 +837,24 @@ def test_mlflow_server_with_the_deployed_flags_rejects_anonymous_and_default_pas
             assert server.poll() is None, server.stderr.read()
             assert time.monotonic() < deadline, "MLflow server did not start"
             try:
-                if _get(f"{base}/health") == 200:
+                if _request(f"{base}/health") == 200:
                     break
             except urllib.error.URLError:  # not listening yet
                 pass
             time.sleep(1)
-        api = f"{base}/api/2.0/mlflow/experiments/search?max_results=1"
-        assert _get(api) == 401
-        assert _get(api, ("admin", "password1234")) == 401
-        assert _get(api, ("admin", admin_password)) == 200
-        assert _get(f"{base}/api/2.0/mlflow-artifacts/artifacts") == 401
+        api = f"{base}/api/2.0/mlflow"
+        search = f"{api}/experiments/search?max_results=1"
+        assert _request(search) == 401
+        assert _request(search, ("admin", "password1234")) == 401
+        assert _request(search, ("admin", admin_password)) == 200
+        assert _request(f"{base}/api/2.0/mlflow-artifacts/artifacts") == 401
+        # The README's set-up of the training user: the admin creates it, it can log.
+        trainer = ("resnet-ray", "a-test-trainer-password-" + os.urandom(8).hex())
+        create = {"username": trainer[0], "password": trainer[1]}
+        assert _request(f"{api}/users/create", body=create) == 401
+        assert _request(f"{api}/users/create", ("admin", admin_password), create) == 200
+        assert _request(f"{api}/experiments/create", body={"name": "x"}) == 401
+        assert _request(f"{api}/experiments/create", trainer, {"name": "resnet-ray"}) == 200
     finally:
         os.killpg(server.pid, signal.SIGTERM)
         try:

@@ -256,16 +256,14 @@ def cluster() -> Iterator[Cluster]:
         assert not left, f"cluster processes survived: {left}"
 
 
-@pytest.fixture(scope="module")
-def tiny_data(cluster, tmp_path_factory) -> Path:
-    """Synthetic 32x32 shards, prepared on the cluster: 640 training, 200 validation images."""
-    out = tmp_path_factory.mktemp("data") / "tiny"
+def _prepare(cluster: Cluster, out: Path, train_per_class: int, val_per_class: int) -> Path:
+    """Synthetic 32x32 shards of CLASSES classes, written by resnet-prepare on the cluster."""
     done = subprocess.run(
         [
             PYTHON, "-m", "pipelines.prepare", "synthetic", "--kind", "cifar",
             "--classes", str(CLASSES),
-            "--train-per-class", str(TRAIN_PER_CLASS),
-            "--val-per-class", str(VAL_PER_CLASS),
+            "--train-per-class", str(train_per_class),
+            "--val-per-class", str(val_per_class),
             "--out", str(out),
         ],
         env=cluster.client_env(f"prepare-{uuid.uuid4().hex}"),
@@ -276,6 +274,20 @@ def tiny_data(cluster, tmp_path_factory) -> Path:
     )  # fmt: skip
     assert done.returncode == 0, done.stdout + done.stderr
     return out
+
+
+@pytest.fixture(scope="module")
+def tiny_data(cluster, tmp_path_factory) -> Path:
+    """640 training and 200 validation images: runs of 10 steps per epoch."""
+    return _prepare(
+        cluster, tmp_path_factory.mktemp("data") / "tiny", TRAIN_PER_CLASS, VAL_PER_CLASS
+    )
+
+
+@pytest.fixture(scope="module")
+def learn_data(cluster, tmp_path_factory) -> Path:
+    """2000 training and 500 validation images: enough for the demo recipe to learn in 5 epochs."""
+    return _prepare(cluster, tmp_path_factory.mktemp("data") / "learn", 200, 50)
 
 
 def _client(uri: str):
@@ -419,7 +431,7 @@ def test_gpu_request_on_a_cluster_without_gpus_exits_2(cluster, tiny_data, mlflo
 # ---------------------------------------------------------------------------------------------
 
 
-def test_demo_recipe_learns_on_a_local_ray(tmp_path, tiny_data):
+def test_demo_recipe_learns_on_a_local_ray(tmp_path, learn_data):
     """The default path of `make demo`: a local Ray started and stopped by the job."""
     from pipelines.manifest import read_manifest
 
@@ -431,7 +443,9 @@ def test_demo_recipe_learns_on_a_local_ray(tmp_path, tiny_data):
     )
     try:
         driver = _train(
-            ["--data", str(tiny_data), "--epochs", "6", "train.global_batch=64"], env, tmp_path
+            ["--data", str(learn_data), "--epochs", "5", "train.eval_every_epochs=5"],
+            env,
+            tmp_path,
         )
         assert driver.process.returncode == 0, driver.output + driver.stderr
         assert list(ray_tmp.rglob("session_*")), "no local Ray was started"
@@ -441,7 +455,7 @@ def test_demo_recipe_learns_on_a_local_ray(tmp_path, tiny_data):
         shutil.rmtree(ray_tmp, ignore_errors=True)
 
     top1 = float(re.search(r"final validation top-1: ([\d.]+)%", driver.output).group(1)) / 100
-    assert top1 > 0.4, driver.output  # chance is 0.1
+    assert top1 > 0.3, driver.output  # chance is 0.1
     assert f"mlflow ui --backend-store-uri {uri}" in driver.output
 
     (run,) = _runs_named(uri, "demo-resnet8")
@@ -449,9 +463,9 @@ def test_demo_recipe_learns_on_a_local_ray(tmp_path, tiny_data):
     assert math.isclose(run.data.metrics["val/top1"], top1, abs_tol=5e-5)
     params, tags = run.data.params, run.data.tags
     assert params["optim.lr"] == "0.1"
-    assert params["train.global_batch"] == "64"
-    assert params["data.uri"] == str(tiny_data)
-    assert tags["dataset.checksum"] == read_manifest(str(tiny_data)).checksum
+    assert params["train.epochs"] == "5"
+    assert params["data.uri"] == str(learn_data)
+    assert tags["dataset.checksum"] == read_manifest(str(learn_data)).checksum
     assert tags["ray"]
     assert tags["torch"]
     assert tags["mlflow"]

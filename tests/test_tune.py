@@ -36,19 +36,26 @@ REPO = Path(__file__).resolve().parents[1]
 EPOCHS = 3
 
 
-def ray_process_ids() -> set[int]:
-    """PIDs of raylet and gcs_server processes on this machine (read from /proc)."""
+def processes_mentioning(text: str) -> set[int]:
+    """PIDs whose command line contains ``text`` (read from /proc; other helpers' Ray clusters
+    run on this machine too, so ours are told apart by their session folder)."""
     found = set()
     for entry in Path("/proc").iterdir():
-        if not entry.name.isdigit():
+        if not entry.name.isdigit() or entry.name == str(os.getpid()):
             continue
         try:
-            command = (entry / "cmdline").read_bytes().split(b"\0")[0]
+            command = (entry / "cmdline").read_bytes()
         except OSError:
             continue
-        if command.endswith((b"/raylet", b"/gcs_server")):
+        if text.encode() in command:
             found.add(int(entry.name))
     return found
+
+
+def ray_sessions_started_here() -> set[str]:
+    """Ray session folders named after this process (Ray names them session_<time>_<pid>)."""
+    temp = Path(os.environ.get("RAY_TMPDIR", "/tmp"), "ray")
+    return {p.name for p in temp.glob(f"session_*_{os.getpid()}")}
 
 
 def free_port() -> int:
@@ -96,7 +103,7 @@ def test_bad_search_space_exits_2_before_ray(
     import ray
 
     monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path / 'mlflow.db'}")
-    before = ray_process_ids()
+    before = ray_sessions_started_here()
     status = tune_cmd.main(
         ["--data", str(tmp_path / "no-data"), "--storage", str(tmp_path / "results"), *space]
     )
@@ -106,7 +113,7 @@ def test_bad_search_space_exits_2_before_ray(
     assert err.count("\n") == 1, err
     assert expected in err
     assert not ray.is_initialized()
-    assert ray_process_ids() <= before
+    assert ray_sessions_started_here() == before  # no local Ray was started
     assert not (tmp_path / "results").exists()
     assert not (tmp_path / "mlflow.db").exists()
 
@@ -122,7 +129,6 @@ def ray_address() -> Iterator[str]:
     raylet/gcs_server of ours survived and that ``~/.ray`` was not created."""
     import ray
 
-    before = ray_process_ids()
     home_ray = Path.home() / ".ray"
     had_home_ray = home_ray.exists()
     port = free_port()
@@ -137,14 +143,15 @@ def ray_address() -> Iterator[str]:
             dashboard_port=port,
             log_to_driver=False,
         )
+        session = Path(context.address_info["session_dir"]).name
         try:
             yield context.address_info["gcs_address"]
         finally:
             ray.shutdown()
     deadline = time.monotonic() + 60
-    while ray_process_ids() - before and time.monotonic() < deadline:
+    while processes_mentioning(session) and time.monotonic() < deadline:
         time.sleep(1)
-    assert not ray_process_ids() - before, "Ray processes left behind after ray.shutdown()"
+    assert not processes_mentioning(session), "Ray processes left behind after ray.shutdown()"
     assert had_home_ray or not home_ray.exists()
 
 
@@ -380,7 +387,9 @@ def test_sweep_resumes_after_its_driver_is_killed(
     status = run_with_deadline(argv, seconds=900)
     out = capsys.readouterr().out
     assert status == 0, out[-3000:]
-    assert "resuming sweep resume: 1 of 2 trials already finished" in out
+    assert "resuming sweep resume: 1 finished trials kept as they are" in out, [
+        line for line in out.splitlines() if "sweep" in line or "trial" in line
+    ]
 
     parent_after, children_after = sweep_runs(client, "resume")
     assert parent_after.info.run_id == parent.info.run_id
