@@ -784,6 +784,9 @@ def start_ray(config: JobConfig, address: str | None) -> bool:
         needed = sc.num_workers * (sc.cpus_per_worker + d.decode_cpus)
         # The dashboard stays on loopback; Train's placement-group cleaner needs its state API.
         ray.init(num_cpus=max(os.cpu_count() or 1, math.ceil(needed)), dashboard_host="127.0.0.1")
+    # ray.init makes SIGTERM a bare sys.exit (and Ray's core worker a crash report): put ours
+    # back, so a stopped job (`ray job stop`, kill) ends its MLflow run and exits 130.
+    signal.signal(signal.SIGTERM, _raise_interrupt)
     try:
         check_cluster_gpus(config)
     except ConfigError:

@@ -731,8 +731,8 @@ def fit_sweep(
         trials = trial_statuses(experiment, filesystem)
         done = sum(t.status == "TERMINATED" for t in trials)
         print(
-            f"resuming sweep {sweep.name}: {done} finished trials kept as they are; "
-            "unfinished ones continue from their Train checkpoints",
+            f"resuming sweep {sweep.name}: keeping {done} finished trial(s); unfinished ones "
+            "continue from their Train checkpoints",
             flush=True,
         )
         tuner = tune.Tuner.restore(

@@ -84,12 +84,15 @@ def cmdline(pid: int) -> str:
 def signal_and_wait(
     pids_of: Callable[[], set[int]], sig: signal.Signals, wait_s: float
 ) -> set[int]:
-    """Send ``sig`` to ``pids_of()`` until none are left or ``wait_s`` passes; the survivors."""
+    """Send ``sig`` once to every process ``pids_of()`` returns (including ones that appear
+    meanwhile) until none are left or ``wait_s`` passes; returns the survivors."""
     deadline = time.monotonic() + wait_s
+    signalled: set[int] = set()
     while pids := pids_of():
-        for pid in pids:
+        for pid in pids - signalled:
             with contextlib.suppress(ProcessLookupError):
                 os.kill(pid, sig)
+        signalled |= pids
         if time.monotonic() > deadline:
             return pids
         time.sleep(0.2)
@@ -103,7 +106,6 @@ class Node:
     name: str
     marker: str  # the RESNET_RAY_NODE value its processes carry
     temp_dir: Path
-    node_ip: str = "127.0.0.1"
 
     def pids(self) -> set[int]:
         return marked_pids(self.marker)

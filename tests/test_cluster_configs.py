@@ -780,7 +780,8 @@ def _request(url: str, auth: tuple[str, str] | None = None, body: dict | None = 
         credentials = base64.b64encode(":".join(auth).encode()).decode()
         request.add_header("Authorization", f"Basic {credentials}")
     try:
-        with urllib.request.urlopen(request, timeout=10) as response:
+        # Generous: PBKDF2 password checks and first-request imports are slow on busy cores.
+        with urllib.request.urlopen(request, timeout=120) as response:
             return response.status
     except urllib.error.HTTPError as e:
         return e.code

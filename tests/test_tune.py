@@ -387,7 +387,7 @@ def test_sweep_resumes_after_its_driver_is_killed(
     status = run_with_deadline(argv, seconds=900)
     out = capsys.readouterr().out
     assert status == 0, out[-3000:]
-    assert "resuming sweep resume: 1 finished trials kept as they are" in out, [
+    assert "resuming sweep resume: keeping 1 finished trial(s)" in out, [
         line for line in out.splitlines() if "sweep" in line or "trial" in line
     ]
 
