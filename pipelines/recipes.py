@@ -39,14 +39,16 @@ def _cifar_shortcut(model: str) -> str | None:
 
 
 def demo(model: str = "resnet8") -> JobConfig:
-    """A few CPU minutes on the synthetic CIFAR-like shards; accuracy far above chance."""
+    """About two CPU minutes on the synthetic CIFAR-like shards (5000 training images): about
+    60% validation top-1 over 10 classes (chance: 10%). Batch 64 rather than the usual 128: on
+    this budget more, smaller steps learn faster."""
     return JobConfig(
         recipe="demo",
         model=ModelConfig(name=model),
         data=DataConfig(uri="data/synthetic-cifar", augment="cifar", image_size=32, eval_resize=32),
         optim=OptimConfig(lr=0.1, weight_decay=5e-4),
         schedule=ScheduleConfig(kind="cosine", warmup_epochs=0.5),
-        train=TrainConfig(global_batch=128, epochs=4, log_every_steps=10),
+        train=TrainConfig(global_batch=64, epochs=6, log_every_steps=20),
         scale=ScaleConfig(num_workers=2, cpus_per_worker=1.0, max_failures=3),
     )
 

@@ -3,7 +3,7 @@ the paper's recipes train a ResNet, checkpoints survive failures, MLflow records
 
 Run from a checkout:
 
-    resnet-train                                      # the demo: synthetic shards, 2 CPU workers
+    resnet-train                    # the demo: synthetic shards (made on first use), 2 CPU workers
     resnet-train --recipe cifar-paper --model resnet56 --data data/cifar10 --workers 1
     resnet-train --recipe imagenet-fast --data s3://bucket/imagenet --workers 8 --gpu \\
         --storage s3://bucket/runs train.epochs=40

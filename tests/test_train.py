@@ -610,7 +610,8 @@ def test_ray_job_submit_with_token_authentication(cluster, tiny_data, mlflow_uri
     assert run.data.metrics["val/count"] == CLASSES * VAL_PER_CLASS
 
     # The uploaded working directory: the code, without .venv, data or results (.gitignore).
-    packages = list(cluster.temp_dir.glob("ray/session_*/runtime_resources/working_dir_files/*"))
+    unpacked = cluster.temp_dir.glob("ray/session_*/runtime_resources/working_dir_files/*")
+    packages = [path for path in unpacked if path.is_dir()]
     assert packages, "no working_dir package on the cluster"
     for package in packages:
         names = {p.name for p in package.iterdir()}
