@@ -104,7 +104,7 @@ def imagenet_paper(model: str = "resnet50") -> JobConfig:
         optim=OptimConfig(lr=0.1, momentum=0.9, weight_decay=1e-4),
         schedule=ScheduleConfig(kind="plateau", plateau_patience=5),
         train=TrainConfig(global_batch=256, epochs=120, max_steps=600_000, log_every_steps=100),
-        scale=ScaleConfig(num_workers=8, use_gpu=True, cpus_per_worker=8.0),
+        scale=ScaleConfig(num_workers=8, use_gpu=True, cpus_per_worker=2.0),
     )
 
 
@@ -132,7 +132,7 @@ def imagenet_fast(model: str = "resnet50") -> JobConfig:
         ),
         schedule=ScheduleConfig(kind="cosine", warmup_epochs=5),
         train=TrainConfig(global_batch=1024, epochs=40, log_every_steps=100, precision="auto"),
-        scale=ScaleConfig(num_workers=8, use_gpu=True, cpus_per_worker=8.0),
+        scale=ScaleConfig(num_workers=8, use_gpu=True, cpus_per_worker=2.0),
     )
 
 

@@ -33,6 +33,7 @@ import math
 import os
 import re
 import signal
+import socket
 import sys
 import tempfile
 import time
@@ -782,8 +783,16 @@ def start_ray(config: JobConfig, address: str | None) -> bool:
     else:
         sc, d = config.scale, config.data
         needed = sc.num_workers * (sc.cpus_per_worker + d.decode_cpus)
-        # The dashboard stays on loopback; Train's placement-group cleaner needs its state API.
-        ray.init(num_cpus=max(os.cpu_count() or 1, math.ceil(needed)), dashboard_host="127.0.0.1")
+        # The dashboard stays on loopback. Ray Train's placement-group cleaner reaches it through
+        # the state API, whose auto-detection fails when another Ray runs on this machine: name
+        # it to the job's processes.
+        port = _free_loopback_port()
+        ray.init(
+            num_cpus=max(os.cpu_count() or 1, math.ceil(needed)),
+            dashboard_host="127.0.0.1",
+            dashboard_port=port,
+            runtime_env={"env_vars": {"RAY_API_SERVER_ADDRESS": f"http://127.0.0.1:{port}"}},
+        )
     # ray.init makes SIGTERM a bare sys.exit (and Ray's core worker a crash report): put ours
     # back, so a stopped job (`ray job stop`, kill) ends its MLflow run and exits 130.
     signal.signal(signal.SIGTERM, _raise_interrupt)
@@ -793,6 +802,12 @@ def start_ray(config: JobConfig, address: str | None) -> bool:
         ray.shutdown()
         raise
     return True
+
+
+def _free_loopback_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
 
 
 def check_cluster_gpus(config: JobConfig) -> None:
