@@ -41,7 +41,8 @@ def _cifar_shortcut(model: str) -> str | None:
 def demo(model: str = "resnet8") -> JobConfig:
     """About two CPU minutes on the synthetic CIFAR-like shards (5000 training images): about
     60% validation top-1 over 10 classes (chance: 10%). Batch 64 rather than the usual 128: on
-    this budget more, smaller steps learn faster."""
+    this budget more, smaller steps learn faster (same data and augmentation in a plain PyTorch
+    loop, 6 epochs: 59% at batch 64, 51% at batch 128)."""
     return JobConfig(
         recipe="demo",
         model=ModelConfig(name=model),

@@ -490,8 +490,8 @@ def test_demo_recipe_learns_on_a_local_ray(tmp_path, learn_data):
 
     mlflow.set_tracking_uri(uri)
     info = mlflow.models.get_model_info(f"models:/resnet-ray-resnet8/{version.version}")
-    assert info.signature.inputs.to_dict()[0]["tensor-spec"]["shape"] == [-1, 3, 32, 32]
-    assert info.signature.outputs.to_dict()[0]["tensor-spec"]["shape"] == [-1, CLASSES]
+    assert tuple(info.signature.inputs.to_dict()[0]["tensor-spec"]["shape"]) == (-1, 3, 32, 32)
+    assert tuple(info.signature.outputs.to_dict()[0]["tensor-spec"]["shape"]) == (-1, CLASSES)
     assert info.saved_input_example_info is not None
     artifacts = {a.path for a in client.list_artifacts(run.info.run_id, "final")}
     assert artifacts == {"final/weights.safetensors", "final/config.json", "final/classes.json"}
