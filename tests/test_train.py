@@ -438,14 +438,19 @@ def test_gpu_request_on_a_cluster_without_gpus_exits_2(cluster, tiny_data, mlflo
 
 
 def test_demo_recipe_learns_on_a_local_ray(tmp_path, learn_data):
-    """The default path of `make demo`: a local Ray started and stopped by the job."""
+    """The default path of `make demo`: a local Ray started and stopped by the job, with
+    Ray's default token authentication (the token given in the environment, not ~/.ray)."""
     from pipelines.manifest import read_manifest
 
     marker = f"demo-{uuid.uuid4().hex}"
     ray_tmp = Path(tempfile.mkdtemp(prefix="rr-", dir="/tmp"))
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
     env = _base_env(
-        marker, RAY_AUTH_MODE="disabled", RAY_TMPDIR=str(ray_tmp), MLFLOW_TRACKING_URI=uri
+        marker,
+        RAY_AUTH_MODE="token",
+        RAY_AUTH_TOKEN=secrets.token_hex(32),
+        RAY_TMPDIR=str(ray_tmp),
+        MLFLOW_TRACKING_URI=uri,
     )
     try:
         driver = _train(
