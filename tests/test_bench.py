@@ -13,6 +13,7 @@ import pytest
 from PIL import Image
 
 from pipelines import bench
+from pipelines.bench import data as bench_data
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -67,10 +68,10 @@ def test_bench_data_rejects_a_folder_without_images(tmp_path, capsys):
 
 def test_per_core_measurement_counts_every_pipeline(tmp_path):
     _write_jpegs(tmp_path, 2)
-    paths = bench.find_images(tmp_path)
+    paths = bench_data.find_images(tmp_path)
     datas = [p.read_bytes() for p in paths]
-    pipelines = bench.per_core_pipelines(paths, datas, datas)
-    rates = bench.measure_per_core(pipelines, len(paths), seconds=0.2, rounds=2)
+    pipelines = bench_data.per_core_pipelines(paths, datas, datas)
+    rates = bench_data.measure_per_core(pipelines, len(paths), seconds=0.2, rounds=2)
     assert set(rates) == {
         "torchvision_classic",
         "ours_paper",

@@ -1,4 +1,4 @@
-"""resnet-bench: benchmarks that print ratios measured side by side in one run.
+"""resnet-bench data: the CPU input pipeline, ours against torchvision's, per core.
 
     python -m pipelines.bench data --images /work/shared/data/imagenet-sample --seconds 10
 
@@ -21,7 +21,6 @@ import argparse
 import contextlib
 import io
 import os
-import sys
 import tempfile
 import time
 from collections.abc import Callable, Sequence
@@ -32,6 +31,7 @@ import torch
 from PIL import Image
 
 from pipelines.audit import audit_image
+from pipelines.bench.common import BenchError, ratio_line, target_line
 from pipelines.sources import IMG_EXTENSIONS
 from resnet_core.transforms import (
     IMAGENET_MEAN_RGB,
@@ -48,15 +48,7 @@ TARGETS = {"ours_paper": 1.8, "ours_paper_320": 4.0}
 RAY_TASK_ROWS = 128  # decode task size of the Ray run: small enough to keep every CPU busy
 
 
-class BenchError(ValueError):
-    """A bad command-line value; the message is one line naming the value and the fix."""
-
-
-def _parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
-        prog="resnet-bench", description="Benchmarks that print side-by-side ratios."
-    )
-    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+def add_parser(commands: argparse._SubParsersAction) -> None:
     data = commands.add_parser("data", help="CPU input pipeline: ours vs torchvision, per core")
     data.add_argument("--images", required=True, help="folder of JPEGs (searched recursively)")
     data.add_argument(
@@ -77,7 +69,6 @@ def _parser() -> argparse.ArgumentParser:
         default=1024,
         help="rows of the temporary shards (the images repeated), so Ray epochs are timeable",
     )
-    return parser
 
 
 # ---------------------------------------------------------------------------------------------
@@ -320,40 +311,26 @@ def run_data_bench(
         if started:
             ray.shutdown()
     for name, target in TARGETS.items():
-        ratio = rates[name] / rates[BASELINE]
-        verdict = "met" if ratio >= target else "missed"
-        print(f"target {name}/{BASELINE} >= {target:g}x: {verdict} ({ratio:.2f}x)")
+        print(target_line(name, BASELINE, target, rates[name] / rates[BASELINE]))
     return rates
 
 
 def _print_ratio(name: str, ratio: float) -> None:
-    print(f"ratio {name}/{BASELINE}: {ratio:.2f}x", flush=True)
+    print(ratio_line(name, BASELINE, ratio), flush=True)
 
 
-def main(argv: Sequence[str] | None = None) -> int:
-    """Run a benchmark; exit status 0, or 2 for a bad argument (one line on stderr)."""
-    args = _parser().parse_args(argv)
-    try:
-        if args.command == "data":
-            if args.seconds <= 0 or args.batch_size < 1 or args.ray_rows < 1:
-                raise BenchError(
-                    f"--seconds {args.seconds}, --batch-size {args.batch_size} and --ray-rows "
-                    f"{args.ray_rows} must be positive"
-                )
-            run_data_bench(
-                Path(args.images),
-                seconds=args.seconds,
-                shards=args.shards,
-                split=args.split,
-                batch_size=args.batch_size,
-                num_cpus=args.num_cpus,
-                min_rows=args.ray_rows,
-            )
-    except BenchError as e:
-        print(f"resnet-bench: {e}", file=sys.stderr)
-        return 2
-    return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())
+def run(args: argparse.Namespace) -> None:
+    if args.seconds <= 0 or args.batch_size < 1 or args.ray_rows < 1:
+        raise BenchError(
+            f"--seconds {args.seconds}, --batch-size {args.batch_size} and --ray-rows "
+            f"{args.ray_rows} must be positive"
+        )
+    run_data_bench(
+        Path(args.images),
+        seconds=args.seconds,
+        shards=args.shards,
+        split=args.split,
+        batch_size=args.batch_size,
+        num_cpus=args.num_cpus,
+        min_rows=args.ray_rows,
+    )
