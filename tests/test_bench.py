@@ -84,3 +84,70 @@ def test_per_core_measurement_counts_every_pipeline(tmp_path):
     assert out.shape == (224, 224, 3)
     assert out.dtype == np.uint8
     assert tuple(pipelines["torchvision_classic"](1).shape) == (3, 224, 224)
+
+
+def _bench(args: list[str], timeout: int = 600) -> str:
+    env = {**os.environ, "RAY_AUTH_MODE": "disabled", "PYTHONPATH": str(ROOT)}
+    env.pop("MLFLOW_TRACKING_URI", None)  # the bench makes its own temporary store
+    run = subprocess.run(
+        [sys.executable, "-m", "pipelines.bench", *args],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )
+    assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
+    return run.stdout
+
+
+@pytest.mark.slow
+def test_bench_train_compares_the_ray_job_with_a_bare_loop():
+    out = _bench(["train", "--steps", "6", "--warmup", "2", "--batch-size", "16", "--threads", "1"])
+    assert "resnet20, batch 16, augmentation 'cifar', 6 steps (2 warm-up), 1 torch threads" in out
+    for label in ("bare \\(1\\)", "ray", "bare \\(2\\)"):
+        assert re.search(rf"^  {label} +\d+\.\d img/s ", out, re.M), out
+    assert re.search(r"^ratio ray/bare: \d+\.\d\dx$", out, re.M), out
+    assert re.search(r"^target ray/bare >= 0.9x: (met|missed) \(\d+\.\d\dx\)$", out, re.M), out
+    startup = re.search(r"^start-up \(outside the ratio\): Ray (\d+\.\d) s; job start", out, re.M)
+    assert startup, out
+    assert float(startup.group(1)) > 0, out
+
+
+@pytest.mark.slow
+def test_bench_memory_streams_epochs_and_reports_the_store(tmp_path):
+    _write_jpegs(tmp_path, 6)
+    out = _bench(
+        [
+            "memory", "--images", str(tmp_path), "--store-mb", "80", "--epoch-factor", "0.3",
+            "--epochs", "3", "--batch-size", "16", "--num-cpus", "2",
+        ]
+    )  # fmt: skip
+    epochs = re.findall(r"^  epoch (\d): +\d+\.\d img/s, trainer RSS +(\d+\.\d) MiB", out, re.M)
+    assert [e for e, _ in epochs] == ["1", "2", "3"], out
+    assert all(float(rss) > 100 for _, rss in epochs), out  # a Train worker holds torch
+    store = re.search(r"^  object store: peak (\d+\.\d) MiB of (\d+) MiB", out, re.M)
+    assert store, out
+    assert float(store.group(1)) > 0, out
+    assert store.group(2) == "80", out
+    assert re.search(r"^ratio epoch_bytes/object_store: \d+\.\d\dx$", out, re.M), out
+    assert re.search(r"^target no spilling: (met|missed) \(\d+ B spilled\)$", out, re.M), out
+    assert re.search(r"^target trainer RSS growth epoch 2 -> 3 < 5%: (met|missed)", out, re.M)
+    assert "target batches never float32 on the CPU: met" in out
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["train", "--steps", "5", "--warmup", "5"], "--warmup 5 must be below --steps 5"),
+        (["train", "--threads", "0"], "--threads 0 must be >= 1"),
+        (["memory", "--images", ".", "--store-mb", "10"], "--store-mb 10 is below Ray's minimum"),
+        (["memory", "--images", ".", "--epochs", "2"], "--epochs 2: use >= 3"),
+    ],
+)
+def test_bench_rejects_bad_values_in_one_line(args, message, capsys):
+    assert bench.main(args) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("resnet-bench: ")
+    assert err.count("\n") == 1
+    assert message in err

@@ -1,0 +1,294 @@
+"""resnet-bench memory: stream epochs several times larger than the Ray object store.
+
+    resnet-bench memory --images /work/shared/data/imagenet-sample --store-mb 128 --epochs 3
+
+The question: does the input pipeline stay within bounded memory when an epoch of decoded crops
+is far larger than the object store, as it always is on ImageNet (1.28M x 150 KB = 192 GB of
+224x224 uint8 crops per epoch)? It must neither spill to disk in steady state nor grow the
+trainer's memory from epoch to epoch.
+
+What runs: a local Ray with an object store of ``--store-mb``; shards prepared from ``--images``
+(repeated until one epoch of decoded crops is ``--epoch-factor`` times the store); a TorchTrainer
+with one worker that streams ``--epochs`` epochs through the training job's reader
+(:func:`pipelines.data.iter_batches`, the job's default prefetch and shuffle buffer, the paper's
+scale augmentation) and does the first thing training does with each batch — the uint8 -> float
+conversion on the worker's device — then drops it. No model: a consumer faster than any real
+step is the worst case for memory (nothing slows the producers down). ``--step-ms`` adds a
+simulated step time.
+
+Measured: the object store's use, polled every 0.2 s from the driver (peak), its spilled and
+fallback-allocated bytes (totals over the run, from the raylet), and the trainer process's RSS at
+the end of every epoch (``/proc/self/statm``). Also checked on every batch: it arrives as uint8
+(a float32 copy would be 4x larger) in (N, H, W, 3).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import tempfile
+import threading
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from pipelines.bench.common import BenchError, ratio_line
+from pipelines.config import DataConfig
+
+MIB = 1024 * 1024
+MIN_STORE_MB = 76  # Ray's object store minimum is 75 MiB
+EPOCHS_FILE = "epochs.json"  # the worker's figures, in the checkpoint it reports
+TARGET_RSS_GROWTH = 0.05  # issue target: < 5% between the second and the last epoch
+
+
+@dataclass
+class StoreStats:
+    """The object store over a run, from the raylet's memory info (one node: the local Ray)."""
+
+    capacity: int = 0
+    peak_used: int = 0
+    spilled: int = 0
+    fallback_peak: int = 0
+    samples: int = 0
+    errors: list[str] = field(default_factory=list)
+
+
+def add_parser(commands: argparse._SubParsersAction) -> None:
+    p = commands.add_parser("memory", help="epochs larger than the object store: spilling, RSS")
+    p.add_argument("--images", required=True, help="folder of JPEGs (searched recursively)")
+    p.add_argument("--store-mb", type=int, default=256, help="object store size in MiB")
+    p.add_argument(
+        "--epoch-factor",
+        type=float,
+        default=4.0,
+        help="one epoch of decoded crops as a multiple of the object store",
+    )
+    p.add_argument("--epochs", type=int, default=3)
+    p.add_argument("--batch-size", type=int, default=64)
+    p.add_argument("--image-size", type=int, default=224)
+    p.add_argument("--step-ms", type=float, default=0.0, help="simulated step time per batch")
+    p.add_argument(
+        "--shuffle-buffer",
+        type=int,
+        default=DataConfig.shuffle_buffer,
+        help="rows in the worker's local shuffle buffer (0: none; default: the job's)",
+    )
+    p.add_argument("--num-cpus", type=int, help="CPUs of the local Ray (default: all)")
+
+
+def run(args: argparse.Namespace) -> None:
+    if args.store_mb < MIN_STORE_MB:
+        raise BenchError(
+            f"--store-mb {args.store_mb} is below Ray's minimum: use >= {MIN_STORE_MB}"
+        )
+    if args.epochs < 3:
+        raise BenchError(f"--epochs {args.epochs}: use >= 3 (growth is measured from epoch 2 on)")
+    if args.shuffle_buffer < 0:
+        raise BenchError(f"--shuffle-buffer {args.shuffle_buffer} must be >= 0 (0: no buffer)")
+    if args.epoch_factor <= 0 or args.batch_size < 1 or args.image_size < 1 or args.step_ms < 0:
+        raise BenchError(
+            f"--epoch-factor {args.epoch_factor}, --batch-size {args.batch_size} and "
+            f"--image-size {args.image_size} must be positive, --step-ms {args.step_ms} >= 0"
+        )
+    import ray
+
+    from pipelines.bench.data import find_images, prepare_shards
+    from pipelines.manifest import read_manifest
+    from pipelines.train import init_local_ray, quiet_framework_logs
+
+    paths = find_images(Path(args.images))
+    crop_bytes = args.image_size * args.image_size * 3
+    store = args.store_mb * MIB
+    rows = max(args.batch_size, math.ceil(args.epoch_factor * store / crop_bytes))
+    with tempfile.TemporaryDirectory(prefix="resnet-bench-memory-") as tmp:
+        init_local_ray(args.num_cpus or os.cpu_count() or 1, object_store_memory=store)
+        quiet_framework_logs()
+        try:
+            uri = prepare_shards(paths, Path(tmp), max_side=None, min_rows=rows)
+            manifest = read_manifest(uri)
+            split = manifest.split("train")
+            shard_bytes = sum(s.num_bytes for s in split.shards)
+            epoch_bytes = (split.num_rows // args.batch_size) * args.batch_size * crop_bytes
+            print(
+                f"resnet-bench memory: {split.num_rows} rows, {shard_bytes / MIB:.0f} MiB of "
+                f"shards; one epoch is {epoch_bytes / MIB:.0f} MiB of {args.image_size}px uint8 "
+                f"crops; object store {args.store_mb} MiB; shuffle buffer {args.shuffle_buffer} "
+                f"rows = {args.shuffle_buffer * crop_bytes / MIB:.0f} MiB of crops",
+                flush=True,
+            )
+            with StorePoller() as poller:
+                epochs = stream_epochs(uri, args)
+            stats = poller.stats
+        finally:
+            ray.shutdown()
+    report(epochs, stats, epoch_bytes=epoch_bytes, shard_bytes=shard_bytes)
+
+
+def report(
+    epochs: list[dict[str, float]], stats: StoreStats, *, epoch_bytes: int, shard_bytes: int
+) -> None:
+    """The per-epoch lines, the ratios and the targets."""
+    for e in epochs:
+        print(
+            f"  epoch {int(e['epoch'])}: {e['images_per_s']:7.1f} img/s, trainer RSS "
+            f"{e['rss_bytes'] / MIB:7.1f} MiB, batches uint8 (N, H, W, 3): "
+            f"{'all' if e['uint8_batches'] == e['batches'] else 'NOT ALL'}"
+        )
+    if not stats.samples:
+        raise BenchError(f"could not read the object store's stats: {'; '.join(stats.errors)}")
+    print(
+        f"  object store: peak {stats.peak_used / MIB:.1f} MiB of {stats.capacity / MIB:.0f} MiB "
+        f"({stats.peak_used / stats.capacity:.0%}), spilled {stats.spilled / MIB:.1f} MiB, "
+        f"fallback-allocated peak {stats.fallback_peak / MIB:.1f} MiB ({stats.samples} samples)"
+    )
+    print(ratio_line("epoch_bytes", "object_store", epoch_bytes / stats.capacity))
+    print(ratio_line("shard_bytes", "object_store", shard_bytes / stats.capacity))
+    growth = epochs[-1]["rss_bytes"] / epochs[1]["rss_bytes"] - 1
+    no_spill = stats.spilled == 0 and stats.fallback_peak == 0
+    all_uint8 = all(e["uint8_batches"] == e["batches"] for e in epochs)
+    print(f"target no spilling: {'met' if no_spill else 'missed'} ({stats.spilled} B spilled)")
+    print(
+        f"target trainer RSS growth epoch 2 -> {len(epochs)} < {TARGET_RSS_GROWTH:.0%}: "
+        f"{'met' if growth < TARGET_RSS_GROWTH else 'missed'} ({growth:+.1%})"
+    )
+    print(f"target batches never float32 on the CPU: {'met' if all_uint8 else 'missed'}")
+
+
+class StorePoller:
+    """Polls the raylet's object store stats on a thread while the block runs."""
+
+    def __init__(self, interval_s: float = 0.2) -> None:
+        self.interval_s = interval_s
+        self.stats = StoreStats()
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._poll, daemon=True)
+
+    def __enter__(self) -> StorePoller:
+        import ray
+        from ray._private.internal_api import get_state_from_address
+
+        # Ray's own `ray memory --stats-only` source: not a public API, hence kept in one place.
+        self._state = get_state_from_address(ray.get_runtime_context().gcs_address)
+        self.sample()
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        self._thread.join()
+        self.sample()  # the totals at the end
+
+    def _poll(self) -> None:
+        while not self._stop.wait(self.interval_s):
+            self.sample()
+
+    def sample(self) -> None:
+        from ray._private.internal_api import get_memory_info_reply
+
+        try:
+            s = get_memory_info_reply(self._state, timeout_seconds=10).store_stats
+        except Exception as e:  # a missed sample is reported, never fatal
+            self.stats.errors.append(f"{type(e).__name__}: {e}")
+            return
+        st = self.stats
+        st.samples += 1
+        st.capacity = max(st.capacity, int(s.object_store_bytes_avail))
+        st.peak_used = max(st.peak_used, int(s.object_store_bytes_used))
+        st.spilled = max(st.spilled, int(s.spilled_bytes_total))
+        st.fallback_peak = max(st.fallback_peak, int(s.object_store_bytes_fallback))
+
+
+def stream_epochs(uri: str, args: argparse.Namespace) -> list[dict[str, float]]:
+    """Run the consumer in a one-worker TorchTrainer; its per-epoch figures."""
+    from ray.train import RunConfig, ScalingConfig
+    from ray.train.torch import TorchTrainer
+
+    with tempfile.TemporaryDirectory(prefix="resnet-bench-memory-runs-") as storage:
+        trainer = TorchTrainer(
+            consume_epochs,
+            train_loop_config={
+                "uri": uri,
+                "epochs": args.epochs,
+                "batch_size": args.batch_size,
+                "image_size": args.image_size,
+                "step_s": args.step_ms / 1000,
+                "shuffle_buffer": args.shuffle_buffer,
+            },
+            scaling_config=ScalingConfig(num_workers=1, resources_per_worker={"CPU": 1}),
+            run_config=RunConfig(name="bench-memory", storage_path=storage),
+        )
+        result = trainer.fit()
+        # Ray Train V2 keeps only the metrics reported with a checkpoint.
+        return json.loads(Path(result.checkpoint.path, EPOCHS_FILE).read_text())
+
+
+def consume_epochs(loop_config: dict[str, Any]) -> None:
+    """The Train worker: the job's reader, epoch after epoch, each batch made float on the
+    device and dropped; RSS at every epoch end."""
+    import ray.train
+    import ray.train.torch
+    import torch
+
+    from pipelines import data as data_lib
+    from pipelines.manifest import read_manifest
+    from pipelines.train import quiet_framework_logs
+    from resnet_core.transforms import IMAGENET_MEAN_RGB, to_float_batch
+
+    quiet_framework_logs()
+    device = ray.train.torch.get_device()
+    manifest = read_manifest(loop_config["uri"])
+    mean = torch.tensor(IMAGENET_MEAN_RGB, device=device)
+    epochs = []
+    for epoch in range(loop_config["epochs"]):
+        started = time.perf_counter()
+        batches = images = uint8 = 0
+        for batch, _labels in data_lib.iter_batches(
+            manifest,
+            split="train",
+            mode="paper",
+            world_size=1,
+            rank=0,
+            epoch=epoch,
+            seed=0,
+            batch_size=loop_config["batch_size"],
+            image_size=loop_config["image_size"],
+            prefetch_batches=DataConfig.prefetch_batches,
+            local_shuffle_buffer_size=loop_config["shuffle_buffer"] or None,
+            pin_memory=device.type == "cuda",
+        ):
+            uint8 += batch.dtype == torch.uint8 and batch.shape[-1] == 3
+            x = to_float_batch(batch.to(device, non_blocking=True), mean=mean)
+            del x
+            if loop_config["step_s"]:
+                time.sleep(loop_config["step_s"])
+            batches += 1
+            images += len(batch)
+        seconds = time.perf_counter() - started
+        epochs.append(
+            {
+                "epoch": epoch + 1,
+                "images_per_s": images / seconds,
+                "rss_bytes": rss_bytes(),
+                "batches": batches,
+                "uint8_batches": uint8,
+            }
+        )
+    with tempfile.TemporaryDirectory() as folder:
+        Path(folder, EPOCHS_FILE).write_text(json.dumps(epochs))
+        ray.train.report({}, checkpoint=ray.train.Checkpoint.from_directory(folder))
+
+
+def rss_bytes() -> int:
+    """This process's resident set size now (Linux ``/proc``; peak RSS elsewhere)."""
+    try:
+        with open("/proc/self/statm") as f:
+            return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+    except OSError:
+        import resource
+        import sys
+
+        peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+        return peak if sys.platform == "darwin" else peak * 1024
