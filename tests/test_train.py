@@ -340,52 +340,75 @@ def _assert_exact_run(uri: str, name: str) -> tuple[str, dict[str, list]]:
 # ---------------------------------------------------------------------------------------------
 
 
-def _expect_bad_config(args, message, env, cwd) -> None:
-    driver = _train(args, env, cwd, timeout=180)
+def _expect_bad_config(driver: Driver, message: str) -> None:
+    """Exit status 2 and one line of ours on stderr, the last, holding ``message``."""
+    driver.finish(timeout=240)
     lines = driver.stderr.strip().splitlines()
     assert driver.process.returncode == 2, driver.output + driver.stderr
-    # One line of ours, the last; attaching to a cluster, Ray's INFO lines may come before it.
+    # Attaching to a cluster, Ray's INFO lines may come before ours.
     ours = [line for line in lines if line.startswith("resnet-train: ")]
     assert ours == lines[-1:], driver.stderr
     assert message in ours[0]
 
 
-@pytest.mark.parametrize(
-    ("args", "message"),
-    [
-        (["--model", "resnet19"], "model.name='resnet19' is not a ResNet v1 model"),
-        (["optim.lr=0"], "optim.lr=0.0 must be positive"),
-        (["optim.lr=-1e-3"], "optim.lr=-0.001 must be positive"),
-        (["train.global_batch=0"], "train.global_batch=0 must be positive"),
-        (
-            ["train.global_batch=63"],
-            "train.global_batch=63 is not divisible by scale.num_workers=2",
-        ),
-        (["--data", "{tmp}/empty"], "no manifest.json at {tmp}/empty"),
-        (["--gpu"], "scale.use_gpu=true but this machine has no CUDA GPU"),
-    ],
-)
-def test_bad_configuration_exits_2_before_ray_starts(args, message, tmp_path):
-    torch = pytest.importorskip("torch")
-    if "--gpu" in args and torch.cuda.is_available():
+BAD_CONFIGS = {
+    "unknown-model": (["--model", "resnet19"], "model.name='resnet19' is not a ResNet v1 model"),
+    "zero-lr": (["optim.lr=0"], "optim.lr=0.0 must be positive"),
+    "negative-lr": (["optim.lr=-1e-3"], "optim.lr=-0.001 must be positive"),
+    "zero-batch": (["train.global_batch=0"], "train.global_batch=0 must be positive"),
+    "indivisible-batch": (
+        ["train.global_batch=63"],
+        "train.global_batch=63 is not divisible by scale.num_workers=2",
+    ),
+    "no-manifest": (["--data", "{tmp}/empty"], "no manifest.json at {tmp}/empty"),
+    "gpu-without-cuda": (["--gpu"], "scale.use_gpu=true but this machine has no CUDA GPU"),
+}
+
+
+@dataclass
+class BadRun:
+    driver: Driver
+    cwd: Path
+    ray_tmp: Path
+    marker: str
+
+
+@pytest.fixture(scope="module")
+def bad_runs(tmp_path_factory) -> Iterator[dict[str, BadRun]]:
+    """Every bad-configuration command, all started at once: each only imports and checks."""
+    import torch
+
+    runs = {}
+    for case, (args, _) in BAD_CONFIGS.items():
+        if "--gpu" in args and torch.cuda.is_available():
+            continue  # it would train; the test skips
+        cwd = tmp_path_factory.mktemp(case)
+        (cwd / "empty").mkdir()
+        ray_tmp = Path(tempfile.mkdtemp(prefix="rr-", dir="/tmp"))
+        marker = f"bad-{uuid.uuid4().hex}"
+        env = _base_env(
+            marker,
+            RAY_AUTH_MODE="disabled",
+            RAY_TMPDIR=str(ray_tmp),
+            MLFLOW_TRACKING_URI=f"sqlite:///{cwd / 'mlflow.db'}",
+        )
+        driver = Driver([a.format(tmp=cwd) for a in args], env, cwd)
+        runs[case] = BadRun(driver, cwd, ray_tmp, marker)
+    yield runs
+    for run in runs.values():
+        run.driver.finish(timeout=240)
+        shutil.rmtree(run.ray_tmp, ignore_errors=True)
+
+
+@pytest.mark.parametrize("case", list(BAD_CONFIGS))
+def test_bad_configuration_exits_2_before_ray_starts(case, bad_runs):
+    if case not in bad_runs:
         pytest.skip("this machine has a GPU")
-    (tmp_path / "empty").mkdir()
-    ray_tmp = Path(tempfile.mkdtemp(prefix="rr-", dir="/tmp"))
-    marker = f"bad-{uuid.uuid4().hex}"
-    env = _base_env(
-        marker,
-        RAY_AUTH_MODE="disabled",
-        RAY_TMPDIR=str(ray_tmp),
-        MLFLOW_TRACKING_URI=f"sqlite:///{tmp_path / 'mlflow.db'}",
-    )
-    try:
-        args = [a.format(tmp=tmp_path) for a in args]
-        _expect_bad_config(args, message.format(tmp=tmp_path), env, tmp_path)
-        assert not list(ray_tmp.rglob("session_*")), "Ray was started"
-        assert not _marked_pids(marker)
-        assert not (tmp_path / "results").exists()  # no checkpoint folder either
-    finally:
-        shutil.rmtree(ray_tmp, ignore_errors=True)
+    run = bad_runs[case]
+    _expect_bad_config(run.driver, BAD_CONFIGS[case][1].format(tmp=run.cwd))
+    assert not list(run.ray_tmp.rglob("session_*")), "Ray was started"
+    assert not _marked_pids(run.marker)
+    assert not (run.cwd / "results").exists()  # no checkpoint folder either
 
 
 def test_s3_locations_are_checked_before_ray_starts(s3_server, tmp_path):
@@ -398,19 +421,15 @@ def test_s3_locations_are_checked_before_ray_starts(s3_server, tmp_path):
     no_credentials = {
         k: v for k, v in env.items() if k not in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY")
     }
+    cases = [  # (arguments, environment, message), run side by side
+        (["--storage", "s3://no-such-bucket/runs"], env, "bucket 'no-such-bucket' does not exist"),
+        (["--data", "s3://shards/cifar"], env, "no manifest.json at s3://shards/cifar"),
+        (["--data", "s3://shards/cifar"], no_credentials, "no AWS credentials found"),
+    ]
     try:
-        _expect_bad_config(
-            ["--storage", "s3://no-such-bucket/runs"],
-            "bucket 'no-such-bucket' does not exist",
-            env,
-            tmp_path,
-        )
-        _expect_bad_config(
-            ["--data", "s3://shards/cifar"], "no manifest.json at s3://shards/cifar", env, tmp_path
-        )
-        _expect_bad_config(
-            ["--data", "s3://shards/cifar"], "no AWS credentials found", no_credentials, tmp_path
-        )
+        drivers = [Driver(args, case_env, tmp_path) for args, case_env, _ in cases]
+        for driver, (_, _, message) in zip(drivers, cases, strict=True):
+            _expect_bad_config(driver, message)
         assert not list(ray_tmp.rglob("session_*")), "Ray was started"
         assert not _marked_pids(marker)
     finally:
@@ -421,10 +440,8 @@ def test_gpu_request_on_a_cluster_without_gpus_exits_2(cluster, tiny_data, mlflo
     marker = f"gpu-{uuid.uuid4().hex}"
     env = cluster.client_env(marker, MLFLOW_TRACKING_URI=mlflow_uri)
     _expect_bad_config(
-        ["--data", str(tiny_data), "--gpu", "--name", "gpu"],
+        Driver(["--data", str(tiny_data), "--gpu", "--name", "gpu"], env, tmp_path),
         "needs 2 GPUs but the cluster has 0",
-        env,
-        tmp_path,
     )
     assert not _marked_pids(marker)
     client = _client(mlflow_uri)
@@ -539,9 +556,12 @@ def test_killed_worker_restarts_from_the_checkpoint(
     finals["kill"] = {k: h[-1].value for k, h in histories.items() if k.startswith("val/")}
 
 
-def test_stopped_driver_resumes_the_same_run_when_resubmitted(
+def test_stopped_run_resumes_when_resubmitted_with_ray_job_submit(
     cluster, tiny_data, mlflow_uri, tmp_path, finals
 ):
+    """Stop the driver mid-epoch (SIGTERM, as `ray job stop` does), then re-submit the same
+    command through the Jobs API with token authentication: it continues the same run at the
+    exact batch, and the same MLflow run ends FINISHED."""
     env = cluster.client_env(f"resume-{uuid.uuid4().hex}", MLFLOW_TRACKING_URI=mlflow_uri)
     args = ["--data", str(tiny_data), "--storage", str(tmp_path / "runs"), "--name", "resume"]
     first = Driver([*args, *RUN_ARGS], env, tmp_path)
@@ -549,41 +569,15 @@ def test_stopped_driver_resumes_the_same_run_when_resubmitted(
     first.wait_for(rf"epoch 2/{EPOCHS} batch 4/{STEPS_PER_EPOCH} ")
     first.process.send_signal(signal.SIGTERM)
     assert first.finish() == 130, first.output + first.stderr
+    assert "interrupted (SIGTERM)" in first.stderr
     assert "re-run the same command to resume" in first.stderr
     (stopped,) = _runs_named(mlflow_uri, "resume")
     assert stopped.info.status == "FAILED"  # never left RUNNING
 
-    second = _train([*args, *RUN_ARGS], env, tmp_path)
-    assert second.process.returncode == 0, second.output + second.stderr
-    resumed = re.search(
-        r"resumed from step (\d+) \(epoch (\d+), (\d+) batches into it\)", second.output
-    )
-    assert resumed, second.output
-    step, epoch, into = (int(g) for g in resumed.groups())
-    assert step > 0, second.output
-    assert step == (epoch - 1) * STEPS_PER_EPOCH + into, second.output
-    assert f"MLflow run {stopped.info.run_id} (resumed)" in second.output
-    run_id, histories = _assert_exact_run(mlflow_uri, "resume")
-    assert run_id == stopped.info.run_id
-    finals["resume"] = {k: h[-1].value for k, h in histories.items() if k.startswith("val/")}
-
-
-def test_interrupted_runs_end_with_the_same_model(finals):
-    """Worker killed in one, driver stopped in the other, at different steps: resuming at the
-    exact batch makes both the same computation, down to the validation loss."""
-    if set(finals) != {"kill", "resume"}:
-        pytest.skip("needs both interrupted runs of this module")
-    assert finals["kill"]["val/count"] == finals["resume"]["val/count"]
-    assert finals["kill"]["val/top1"] == finals["resume"]["val/top1"]
-    assert math.isclose(finals["kill"]["val/loss"], finals["resume"]["val/loss"], rel_tol=1e-5)
-
-
-def test_ray_job_submit_with_token_authentication(cluster, tiny_data, mlflow_uri, tmp_path):
-    env = cluster.client_env(f"submit-{uuid.uuid4().hex}")
-    env.pop("RAY_ADDRESS")
+    client_env = {k: v for k, v in env.items() if k != "RAY_ADDRESS"}
     refused = subprocess.run(
         [RAY_CLI, "job", "list", "--address", cluster.dashboard],
-        env={**env, "RAY_AUTH_TOKEN": "0" * 64},
+        env={**client_env, "RAY_AUTH_TOKEN": "0" * 64},
         capture_output=True,
         text=True,
         timeout=120,
@@ -598,11 +592,9 @@ def test_ray_job_submit_with_token_authentication(cluster, tiny_data, mlflow_uri
             "--address", cluster.dashboard,
             "--working-dir", str(REPO),
             "--runtime-env-json", json.dumps(runtime_env),
-            "--", "python", "-m", "pipelines.train",
-            "--data", str(tiny_data), "--storage", str(tmp_path / "runs"), "--name", "submitted",
-            "--epochs", "1", f"train.global_batch={GLOBAL_BATCH}",
+            "--", "python", "-m", "pipelines.train", *args, *RUN_ARGS,
         ],
-        env=env,
+        env=client_env,
         cwd=tmp_path,
         capture_output=True,
         text=True,
@@ -610,11 +602,16 @@ def test_ray_job_submit_with_token_authentication(cluster, tiny_data, mlflow_uri
     )  # fmt: skip
     output = submitted.stdout + submitted.stderr
     assert submitted.returncode == 0, output
-    assert "succeeded" in output
-    assert "final validation top-1" in output
-    (run,) = _runs_named(mlflow_uri, "submitted")
-    assert run.info.status == "FINISHED"
-    assert run.data.metrics["val/count"] == CLASSES * VAL_PER_CLASS
+    assert re.search(r"Job 'raysubmit_\w+' succeeded", output), output
+    resumed = re.search(r"resumed from step (\d+) \(epoch (\d+), (\d+) batches into it\)", output)
+    assert resumed, output
+    step, epoch, into = (int(g) for g in resumed.groups())
+    assert step > 0, output
+    assert step == (epoch - 1) * STEPS_PER_EPOCH + into, output
+    assert f"MLflow run {stopped.info.run_id} (resumed)" in output
+    run_id, histories = _assert_exact_run(mlflow_uri, "resume")
+    assert run_id == stopped.info.run_id
+    finals["resume"] = {k: h[-1].value for k, h in histories.items() if k.startswith("val/")}
 
     # The uploaded working directory: the code, without .venv, data or results (.gitignore).
     unpacked = cluster.temp_dir.glob("ray/session_*/runtime_resources/working_dir_files/*")
@@ -624,3 +621,13 @@ def test_ray_job_submit_with_token_authentication(cluster, tiny_data, mlflow_uri
         names = {p.name for p in package.iterdir()}
         assert {"pipelines", "resnet_core", "pyproject.toml"} <= names
         assert not names & {".venv", "data", "results", "mlflow.db", ".git"}, names
+
+
+def test_interrupted_runs_end_with_the_same_model(finals):
+    """Worker killed in one, driver stopped in the other, at different steps: resuming at the
+    exact batch makes both the same computation, down to the validation loss."""
+    if set(finals) != {"kill", "resume"}:
+        pytest.skip("needs both interrupted runs of this module")
+    assert finals["kill"]["val/count"] == finals["resume"]["val/count"]
+    assert finals["kill"]["val/top1"] == finals["resume"]["val/top1"]
+    assert math.isclose(finals["kill"]["val/loss"], finals["resume"]["val/loss"], rel_tol=1e-5)
