@@ -16,6 +16,12 @@ conversion on the worker's device — then drops it. No model: a consumer faster
 step is the worst case for memory (nothing slows the producers down). ``--step-ms`` adds a
 simulated step time.
 
+What it found (BENCHMARKS.md): decode tasks of 512 rows made 77 MB blocks that spilled on an
+80 MiB store, hence tasks sized to ~16 MB of crops (:func:`pipelines.data.default_task_rows`);
+and Ray's local shuffle buffer keeps its rows' blocks in the object store, so the store must hold
+``shuffle_buffer`` x crop bytes per worker or it spills (``--shuffle-buffer 0`` shows the
+streaming alone staying within the store).
+
 Measured: the object store's use, polled every 0.2 s from the driver (peak), its spilled and
 fallback-allocated bytes (totals over the run, from the raylet), and the trainer process's RSS at
 the end of every epoch (``/proc/self/statm``). Also checked on every batch: it arrives as uint8
