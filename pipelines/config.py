@@ -18,6 +18,7 @@ from dataclasses import dataclass, field, fields, is_dataclass, replace
 from typing import Any, Literal
 
 AUGMENTS = ("cifar", "cifar_tutorial", "paper", "inception")
+DECODE_DEVICES = ("cpu", "device")
 RUN_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,127}")
 MEAN_MODES = ("per_pixel", "per_channel", "imagenet")
 PRECISIONS = ("auto", "fp32", "bf16")
@@ -44,6 +45,10 @@ class DataConfig:
     lighting_std: float = 0.0  # AlexNet PCA colour augmentation σ (paper §3.4 uses 0.1)
     decode_cpus: float = 1.0  # CPUs per Ray Data decode task
     decode_concurrency: int | None = None  # decode tasks per worker pipeline; None: Ray decides
+    # cpu: Ray Data tasks decode + augment. device: the tasks only read rows and plan crops, each
+    # Train worker decodes its JPEG batches on its own device (GPU: nvJPEG), for GPU nodes short
+    # of CPU cores; paper/inception augment only.
+    decode_device: str = "cpu"
     prefetch_batches: int = 2
     shuffle_buffer: int = 1024  # rows in each worker's local shuffle buffer (after file shuffle)
     seed: int = 0
@@ -291,6 +296,16 @@ def validate(config: JobConfig, *, model_names_ok: typing.Callable[[str], bool])
             f"seeds must be >= 0 (train.seed={t.seed}, data.seed={d.seed})",
         ),
         (d.decode_cpus > 0, f"data.decode_cpus={d.decode_cpus} must be positive"),
+        (
+            d.decode_device in DECODE_DEVICES,
+            f"data.decode_device={d.decode_device!r}; use cpu (Ray Data tasks decode) or device "
+            "(each Train worker decodes its JPEG batches on its GPU)",
+        ),
+        (
+            d.decode_device != "device" or d.augment in ("paper", "inception"),
+            f"data.decode_device=device decodes JPEG crops on the worker; data.augment="
+            f"{d.augment!r} reads 32x32 images whole: use data.decode_device=cpu",
+        ),
         (
             d.decode_concurrency is None or d.decode_concurrency >= 1,
             f"data.decode_concurrency={d.decode_concurrency} must be >= 1 or None",

@@ -223,6 +223,23 @@ def _to_rgb(img: Image.Image) -> Image.Image:
     return img.convert("RGB")
 
 
+def sample_crop(
+    sampler: BoxSampler,
+    rng: np.random.Generator,
+    width: int,
+    height: int,
+    *,
+    flip: bool | None = None,
+) -> tuple[Box, bool]:
+    """The random part of :func:`decode_crop` for a ``width`` x ``height`` image: the box, then
+    (``flip=None``) a horizontal flip with probability 0.5. One function for the CPU path and the
+    device path (:func:`decode_jpeg_crops`), so both draw the same numbers in the same order."""
+    box = sampler.sample_box(rng, width, height)
+    if flip is None:
+        flip = bool(rng.random() < 0.5)
+    return box, flip
+
+
 def decode_crop(
     data: bytes,
     sampler: BoxSampler,
@@ -244,16 +261,95 @@ def decode_crop(
     """
     size = sampler.size
     with Image.open(io.BytesIO(data)) as img:
-        width, height = img.size
-        box = sampler.sample_box(rng, width, height)
-        if flip is None:
-            flip = bool(rng.random() < 0.5)
+        box, flip = sample_crop(sampler, rng, *img.size, flip=flip)
         if draft:
             box = draft_for_box(img, box, (size, size))
         out = _to_rgb(img).resize((size, size), Image.Resampling.BILINEAR, box=box)
     if flip:
         out = out.transpose(Image.Transpose.FLIP_LEFT_RIGHT)
     return np.array(out)  # writable copy; np.asarray of a PIL image is read-only
+
+
+def decode_jpeg_crops(
+    datas: Sequence[Tensor],
+    boxes: Sequence[Box] | np.ndarray,
+    flips: Sequence[bool] | np.ndarray,
+    size: int,
+    *,
+    device: torch.device | str = "cpu",
+) -> tuple[Tensor, Tensor]:
+    """The device-side twin of :func:`decode_crop` for a batch of JPEGs whose crops were sampled
+    beforehand (:func:`sample_crop` on the header size, e.g. in a CPU task that never decodes):
+    decode all of them on ``device`` (CUDA: nvJPEG, one batched call; CPU: libjpeg-turbo), cut
+    each ``box`` out, resample it to ``size`` x ``size`` and flip it where ``flips`` says.
+
+    ``datas``: 1-D uint8 CPU tensors of encoded bytes. Returns ``(images, bad)``: uint8
+    (N, size, size, 3) on ``device`` (NHWC in memory, which is what ``to_float_batch(...,
+    channels_last=True)`` wants without a copy) and a bool (N,) CPU tensor marking rows that
+    failed to decode (left black; the caller replaces or drops them). EXIF orientation is
+    ignored, as in :func:`decode_crop`.
+
+    Resampling is ``torch.nn.functional.interpolate(mode="bilinear", antialias=True)`` in float32:
+    the triangle filter widened by the downscale factor, i.e. the algorithm of PIL's BILINEAR
+    resize that :func:`decode_crop` uses (torch's antialias path is a port of it), and it runs on
+    CUDA (torchvision.transforms.v2's resize is the same op with uint8 in/out, but CUDA has no
+    uint8 kernel, so it would convert per image anyway). Two differences from :func:`decode_crop`
+    leave pixels a few uint8 levels apart while the geometry and flips are identical: the box is
+    rounded to whole source pixels (interpolate takes no sub-pixel box: at most half a source
+    pixel of shift), and the decode is always full resolution (nvJPEG has no DCT-domain draft).
+    """
+    if not len(datas) == len(boxes) == len(flips):
+        raise ValueError(
+            f"decode_jpeg_crops got {len(datas)} images, {len(boxes)} boxes and {len(flips)} "
+            "flips; pass one box and one flip per image"
+        )
+    device = torch.device(device)
+    resized = torch.zeros((len(datas), 3, size, size), dtype=torch.float32, device=device)
+    bad = torch.zeros(len(datas), dtype=torch.bool)
+    for i, image in enumerate(_decode_jpegs(datas, device)):
+        if image is None:
+            bad[i] = True
+            continue
+        left, upper, right, lower = _pixel_box(boxes[i], image.shape[2], image.shape[1])
+        crop = image[None, :, upper:lower, left:right].float()
+        resized[i] = torch.nn.functional.interpolate(
+            crop, size=(size, size), mode="bilinear", align_corners=False, antialias=True
+        )[0]
+    flipped = torch.as_tensor(np.asarray(flips, dtype=bool)).nonzero().squeeze(1).to(device)
+    resized[flipped] = resized[flipped].flip(-1)
+    images = resized.round_().clamp_(0, 255).to(torch.uint8)
+    return images.permute(0, 2, 3, 1).contiguous(), bad
+
+
+def _decode_jpegs(datas: Sequence[Tensor], device: torch.device) -> list[Tensor | None]:
+    """(3, H, W) uint8 RGB tensors on ``device``, None where an image does not decode."""
+    # Imported here: torchvision.io costs ~2 s to import, and this module is imported by every
+    # CPU decode task, which never calls this.
+    from torchvision.io import ImageReadMode, decode_jpeg
+
+    if not datas:
+        return []
+    try:
+        return list(decode_jpeg(list(datas), mode=ImageReadMode.RGB, device=device))
+    except (RuntimeError, ValueError):
+        pass  # the batched call fails as a whole: find the culprits one by one
+    images: list[Tensor | None] = []
+    for data in datas:
+        try:
+            images.append(decode_jpeg(data, mode=ImageReadMode.RGB, device=device))
+        except (RuntimeError, ValueError):
+            images.append(None)
+    return images
+
+
+def _pixel_box(box: Box, width: int, height: int) -> tuple[int, int, int, int]:
+    """``box`` rounded to whole pixels, clipped to the image, at least one pixel each way."""
+    left, upper, right, lower = box
+    x0 = min(max(round(left), 0), width - 1)
+    y0 = min(max(round(upper), 0), height - 1)
+    x1 = min(max(round(right), x0 + 1), width)
+    y1 = min(max(round(lower), y0 + 1), height)
+    return x0, y0, x1, y1
 
 
 def resized_shorter_size(

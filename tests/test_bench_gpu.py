@@ -1,0 +1,161 @@
+"""`resnet-bench gpu`: skips cleanly without CUDA; its ceiling loop and job config on a CPU; the
+whole command, tiny, where a GPU exists (no timing is asserted)."""
+
+from __future__ import annotations
+
+import argparse
+import os
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from pipelines import bench
+from pipelines.bench import gpu
+from pipelines.config import JobConfig, ModelConfig
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _write_jpegs(folder: Path, count: int) -> None:
+    rng = np.random.default_rng(0)
+    folder.mkdir(parents=True, exist_ok=True)
+    for i in range(count):
+        pixels = rng.integers(0, 256, (int(rng.integers(80, 140)), 120, 3), dtype=np.uint8)
+        Image.fromarray(pixels).save(folder / f"img_{i:02d}.JPEG", quality=90)
+
+
+def _e2e_config(**overrides) -> JobConfig:
+    options = {
+        "model": "resnet18",
+        "image_size": 64,
+        "batch": 8,
+        "steps": 4,
+        "warmup": 2,
+        "precision": "bf16",
+        "channels_last": True,
+        "compile": False,
+        "decode_device": "device",
+        "decode_cpus": 3,
+        "storage": "/tmp/runs",
+    }
+    options.update(overrides)
+    return gpu.e2e_config("/tmp/shards", **options)
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="the skip line is for machines without CUDA")
+def test_without_cuda_the_command_prints_one_line_and_succeeds(capsys):
+    assert bench.main(["gpu"]) == 0
+    assert capsys.readouterr().out == gpu.SKIP_LINE + "\n"
+
+
+@pytest.mark.parametrize(
+    ("argv", "message"),
+    [
+        (["--warmup", "5", "--steps", "5"], "--warmup 5 must be below --steps 5"),
+        (["--decode-cpus", "0"], "--decode-cpus 0 must be >= 1"),
+        (["--model", "resnet20"], "'resnet20' is a CIFAR net"),
+        (["--model", "vgg16"], "--model 'vgg16'"),
+    ],
+)
+def test_bad_arguments_exit_2_with_or_without_cuda(capsys, argv, message):
+    assert bench.main(["gpu", *argv]) == 2
+    assert message in capsys.readouterr().err
+
+
+def test_ceiling_loop_trains_a_tiny_model_on_the_cpu():
+    config = _e2e_config(compile=False)
+    device = torch.device("cpu")
+    model, optimizer, criterion = gpu.build_training(config, 5, device, channels_last=True)
+    images, labels = gpu.synthetic_batch(2, 64, 5, device)
+    assert images.dtype == torch.uint8
+    assert images.shape == (2, 64, 64, 3)
+    before = [p.detach().clone() for p in model.parameters()]
+    rate = gpu.measure_ceiling(
+        model,
+        optimizer,
+        criterion,
+        images,
+        labels,
+        steps=2,
+        warmup=1,
+        channels_last=True,
+        bf16=True,  # CPU autocast: the same code path as on CUDA
+    )
+    assert rate > 0
+    changed = [not torch.equal(a, b) for a, b in zip(before, model.parameters(), strict=True)]
+    assert sum(changed) > len(changed) // 2  # two SGD steps moved the weights
+
+
+def test_e2e_config_is_the_gpu_recipe_on_one_worker():
+    config = _e2e_config()
+    assert config.recipe == gpu.RECIPE
+    assert config.model == ModelConfig(name="resnet18", stride_in_3x3=True, zero_init_residual=True)
+    d, t, sc = config.data, config.train, config.scale
+    assert (d.uri, d.augment, d.image_size, d.eval_resize) == ("/tmp/shards", "inception", 64, 73)
+    assert (d.decode_device, d.decode_cpus, d.decode_concurrency) == ("device", 1.0, 3)
+    assert (t.global_batch, t.max_steps, t.epochs, t.log_every_steps) == (8, 4, 1, 2)
+    assert (t.precision, t.channels_last, t.compile) == ("bf16", True, False)
+    assert (sc.num_workers, sc.use_gpu, sc.cpus_per_worker) == (1, True, gpu.WORKER_CPUS)
+    assert _e2e_config(decode_device="cpu", decode_cpus=None).data.decode_concurrency is None
+
+
+def test_ceiling_target_line_reads_like_the_ratio_targets():
+    assert (
+        gpu.ceiling_target_line(3120.4)
+        == "target synthetic_ceiling >= 3000 img/s: met (3120 img/s)"
+    )
+    assert gpu.ceiling_target_line(10.0).endswith("missed (10 img/s)")
+
+
+@pytest.mark.slow
+def test_the_whole_bench_runs_tiny_on_a_cpu(tmp_path, capsys, monkeypatch):
+    """Everything but CUDA: shards from JPEGs, the ceiling, both training jobs, the lines."""
+    monkeypatch.setenv("RAY_AUTH_MODE", "disabled")  # the Ray this run starts
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)  # measure_job's temporary store
+    _write_jpegs(tmp_path / "images", 4)
+    parser = argparse.ArgumentParser()
+    gpu.add_parser(parser.add_subparsers())
+    args = parser.parse_args(
+        [
+            "gpu", "--images", str(tmp_path / "images"), "--batch-size", "4", "--steps", "3",
+            "--warmup", "1", "--model", "resnet18", "--image-size", "64", "--precision", "fp32",
+            "--decode-cpus", "1",
+        ]
+    )  # fmt: skip
+    rates = gpu.run_gpu_bench(args, tmp_path / "images", torch.device("cpu"))
+    assert set(rates) == {"synthetic_ceiling", "e2e_cpu", "e2e_device"}
+    out = capsys.readouterr().out
+    assert "resnet18 on CPU, batch 4, 64px, fp32" in out
+    _assert_bench_lines(out)
+
+
+def _assert_bench_lines(out: str) -> None:
+    for path in ("cpu", "device"):
+        assert re.search(rf"^  e2e_{path} +\d+\.\d img/s", out, re.M), out
+        assert re.search(rf"^ratio e2e_{path}/synthetic_ceiling: \d+\.\d\dx$", out, re.M), out
+        assert re.search(
+            rf"^target e2e_{path}/synthetic_ceiling >= 0.9x: (met|missed)", out, re.M
+        ), out
+    assert re.search(r"^target synthetic_ceiling >= 3000 img/s: (met|missed)", out, re.M), out
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("compile", [False, True])
+def test_tiny_gpu_bench_prints_both_ratios_and_the_targets(tmp_path, compile):
+    _write_jpegs(tmp_path / "images", 6)
+    command = [
+        sys.executable, "-m", "pipelines.bench", "gpu", "--images", str(tmp_path / "images"),
+        "--batch-size", "8", "--steps", "4", "--warmup", "2", "--model", "resnet18",
+        "--image-size", "64", "--decode-cpus", "2", *(["--compile"] if compile else []),
+    ]  # fmt: skip
+    # Its own process, so its own Ray (sized for the machine), whatever this one runs.
+    env = {**os.environ, "RAY_AUTH_MODE": "disabled", "PYTHONPATH": str(ROOT)}
+    run = subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+    assert run.returncode == 0, run.stderr[-3000:]
+    _assert_bench_lines(run.stdout)

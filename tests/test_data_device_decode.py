@@ -1,0 +1,359 @@
+"""The device decode path (``data.decode_device=device``): Ray Data tasks only plan the crops, the
+Train worker decodes its batches on its device. Exercised here with device="cpu"; the ``gpu``
+tests repeat the comparisons with CUDA (nvJPEG).
+
+The device path must crop exactly where the CPU path crops (same boxes, same flips, same rows in
+the same order); its pixels differ a little (whole-pixel boxes, no draft decoding, another
+resampler implementation), which the mean-absolute-difference bounds below allow for.
+"""
+
+from __future__ import annotations
+
+import io
+import zlib
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+import torch
+from PIL import Image
+
+from pipelines import data
+from pipelines.config import ConfigError, DataConfig, JobConfig, validate
+from pipelines.manifest import read_manifest
+from pipelines.prepare import SHARD_SCHEMA
+from pipelines.prepare import main as prepare_main
+from resnet_core.transforms import (
+    RandomResizedCrop,
+    ScaleAugment,
+    decode_crop,
+    decode_jpeg_crops,
+    sample_crop,
+)
+from tests.fixtures_imagenet import encode, smooth_pixels
+
+IMAGE_SIZE = 32
+# Mean absolute difference (uint8 levels) allowed between the two paths' crops of smooth images:
+# sub-pixel boxes rounded to whole pixels ("paper", eval) and draft decoding on the CPU path.
+MAD_ROUNDED_BOX = 2.0
+MAD_WHOLE_PIXEL_BOX = 1.0  # inception boxes are whole pixels already; only the resamplers differ
+
+
+def _photo(seed: int, width: int = 160, height: int = 120) -> bytes:
+    """A smooth JPEG, darker on the left than on the right, so a wrong flip shows."""
+    texture = smooth_pixels(seed, height, width).astype(np.int32)
+    ramp = np.linspace(0, 255, width, dtype=np.int32)[None, :, None]
+    return encode(((texture + ramp) // 2).astype(np.uint8), quality=92)
+
+
+def _broken_huffman_table(jpeg: bytes) -> bytes:
+    """``jpeg`` with a Huffman table no decoder accepts: the header still parses (size, mode,
+    end marker), only decoding fails."""
+    table = jpeg.index(b"\xff\xc4") + 5  # DHT marker, length, class/id: then 16 code counts
+    return jpeg[:table] + b"\xff" * 16 + jpeg[table + 16 :]
+
+
+def _tensors(datas: list[bytes]) -> list[torch.Tensor]:
+    return [torch.frombuffer(bytearray(d), dtype=torch.uint8) for d in datas]
+
+
+def _write_shard(path: Path, images: list[bytes]) -> str:
+    table = pa.table(
+        {
+            "image": images,
+            "label": list(range(len(images))),
+            "key": [f"hand/{i:03d}" for i in range(len(images))],
+            "height": [0] * len(images),
+            "width": [0] * len(images),
+        },
+        schema=SHARD_SCHEMA,
+    )
+    pq.write_table(table, path, row_group_size=4)
+    return str(path)
+
+
+def _chunk(uri: str, rows: int, *, on_worker: bool, mode: str = "paper") -> dict[str, np.ndarray]:
+    """One decode task over all ``rows`` of a shard, as one map batch."""
+    chunk = {"uri": np.asarray([uri]), "start": np.asarray([0]), "stop": np.asarray([rows])}
+    (out,) = data._decode_chunk(
+        chunk,
+        mode=mode,
+        image_size=IMAGE_SIZE,
+        eval_resize=36,
+        seed=0,
+        epoch=0,
+        map_batch_rows=rows,
+        on_worker=on_worker,
+    )
+    return out
+
+
+def _both_paths(uri: str, rows: int, mode: str, device: str) -> tuple[data.Batch, data.Batch]:
+    """(CPU path batch, device path batch) of one map batch, without Ray."""
+    train = mode in data.TRAIN_MODES
+    cpu = data._ToBatch(drop_bad=not train, pin_memory=False)(
+        _chunk(uri, rows, on_worker=False, mode=mode)
+    )
+    encoded = data._ToEncoded(pin_memory=False)(_chunk(uri, rows, on_worker=True, mode=mode))
+    size = 36 if mode == "eval_full" else IMAGE_SIZE
+    on_device = data._decode_on_worker(encoded, size=size, device=torch.device(device), train=train)
+    return cpu, on_device
+
+
+def _mad(a: torch.Tensor, b: torch.Tensor) -> float:
+    return (a.cpu().int() - b.cpu().int()).abs().float().mean().item()
+
+
+# ---------------------------------------------------------------------------------------------
+# resnet_core: the shared draws and the batched device decode
+# ---------------------------------------------------------------------------------------------
+
+
+def test_sample_crop_makes_exactly_the_draws_of_decode_crop():
+    jpeg = _photo(1)
+    for sampler in (ScaleAugment(36, 67, 32), RandomResizedCrop(32)):
+        used, planned = np.random.default_rng(5), np.random.default_rng(5)
+        for _ in range(4):
+            decode_crop(jpeg, sampler, used)
+            sample_crop(sampler, planned, 160, 120)
+        assert used.random() == planned.random()  # both generators advanced alike
+
+
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.gpu)])
+def test_decode_jpeg_crops_matches_pil_on_whole_pixel_boxes(device):
+    datas = [_photo(i, 200 + 10 * i, 150) for i in range(4)]
+    boxes = [(10, 5, 110, 125), (0, 0, 210, 150), (50, 20, 90, 60), (3, 7, 20, 30)]  # down + up
+    flips = [False, True, False, True]
+    images, bad = decode_jpeg_crops(_tensors(datas), boxes, flips, 48, device=device)
+    assert images.shape == (4, 48, 48, 3)
+    assert images.dtype == torch.uint8
+    assert images.device.type == device
+    assert images.is_contiguous()  # NHWC memory: channels_last for to_float_batch
+    assert not bad.any()
+    for i, (d, box, flip) in enumerate(zip(datas, boxes, flips, strict=True)):
+        with Image.open(io.BytesIO(d)) as img:
+            expected = img.convert("RGB").resize((48, 48), Image.Resampling.BILINEAR, box=box)
+        if flip:
+            expected = expected.transpose(Image.Transpose.FLIP_LEFT_RIGHT)
+        assert _mad(images[i], torch.from_numpy(np.array(expected))) < 0.75
+
+
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.gpu)])
+def test_decode_jpeg_crops_marks_undecodable_rows_bad(device):
+    good = _photo(3)
+    datas = [good, b"not a jpeg at all", _broken_huffman_table(good), good]
+    boxes = [(0.0, 0.0, 100.0, 100.0)] * 4
+    images, bad = decode_jpeg_crops(_tensors(datas), boxes, [False] * 4, 16, device=device)
+    assert bad.tolist() == [False, True, True, False]
+    assert torch.equal(images[0], images[3])
+    assert images[1].sum() == 0  # bad rows are left black
+
+
+# ---------------------------------------------------------------------------------------------
+# The decode tasks and the worker-side decode (no Ray)
+# ---------------------------------------------------------------------------------------------
+
+
+def test_device_tasks_draw_the_cpu_paths_boxes_and_flips(tmp_path):
+    datas = [_photo(i, 120 + 20 * i, 100 + 10 * i) for i in range(8)]
+    uri = _write_shard(tmp_path / "s.parquet", datas)
+    planned = _chunk(uri, 8, on_worker=True)
+    keys = [f"hand/{i:03d}" for i in range(8)]
+    rng = np.random.default_rng([0, 0, zlib.crc32("\0".join(keys).encode())])
+    sampler = data._sampler("paper", IMAGE_SIZE, 36)
+    expected = [sample_crop(sampler, rng, *Image.open(io.BytesIO(d)).size) for d in datas]
+    np.testing.assert_array_equal(planned["box"], [box for box, _ in expected])
+    assert planned["flip"].tolist() == [flip for _, flip in expected]
+    assert 0 < planned["flip"].sum() < 8
+    assert planned["image"].tolist() == datas  # shipped encoded, not decoded
+    assert not planned["raw"].any()
+
+
+@pytest.mark.parametrize("mode", ["paper", "inception", "eval_center", "eval_full"])
+def test_device_path_crops_where_the_cpu_path_crops(tmp_path, mode):
+    datas = [_photo(i, 120 + 20 * i, 100 + 10 * i) for i in range(8)]
+    uri = _write_shard(tmp_path / "s.parquet", datas)
+    cpu, on_device = _both_paths(uri, 8, mode, "cpu")
+    assert on_device.keys == cpu.keys
+    assert torch.equal(on_device.labels, cpu.labels)
+    assert on_device.images.shape == cpu.images.shape
+    bound = MAD_WHOLE_PIXEL_BOX if mode == "inception" else MAD_ROUNDED_BOX
+    for mine, theirs in zip(on_device.images, cpu.images, strict=True):
+        # Right crop and right flip: far closer to the CPU crop than to its mirror image.
+        assert _mad(mine, theirs) < bound
+        assert _mad(mine, theirs) < _mad(mine, theirs.flip(1)) / 3 or mode.startswith("eval")
+
+
+@pytest.mark.parametrize("mode", ["paper", "eval_center"])
+def test_bad_rows_are_counted_like_the_cpu_path(tmp_path, mode):
+    good = [_photo(i) for i in range(7)]
+    images = [
+        good[0],
+        b"not an image",  # no header: bad in the task
+        good[2][: len(good[2]) // 2],  # truncated: decoded (and failed) in the task, like PNGs
+        _broken_huffman_table(good[3]),  # the header parses: fails on the worker
+        encode(smooth_pixels(9, 90, 100), format="PNG"),  # decoded in the task, travels as pixels
+        good[5],
+        good[6] + b"trailing bytes",  # decoded in the task: PIL judges it, as on the CPU path
+    ]
+    uri = _write_shard(tmp_path / "bad.parquet", images)
+    planned = _chunk(uri, 7, on_worker=True, mode=mode)
+    assert planned["bad"].tolist() == [False, True, True, False, False, False, False]
+    assert planned["raw"].tolist() == [False, False, False, False, True, False, True]
+    cpu, on_device = _both_paths(uri, 7, mode, "cpu")
+    assert on_device.num_bad == cpu.num_bad == 3
+    if mode == "paper":  # training: bad rows replaced by copies of good rows, 7 rows stay
+        assert len(on_device.keys) == 7
+        assert set(on_device.keys) <= {f"hand/{i:03d}" for i in (0, 4, 5, 6)}
+        assert on_device.labels.tolist() == [int(k[-3:]) for k in on_device.keys]
+    else:  # evaluation: dropped, in both paths
+        kept = ("hand/000", "hand/004", "hand/005", "hand/006")
+        assert on_device.keys == cpu.keys == kept
+        # Rows decoded in the task have the CPU path's very pixels.
+        assert _mad(on_device.images[1], cpu.images[1]) == 0
+        assert _mad(on_device.images[3], cpu.images[3]) == 0
+
+
+def test_a_batch_with_no_decodable_image_fails_training_with_the_fix(tmp_path):
+    uri = _write_shard(tmp_path / "s.parquet", [_broken_huffman_table(_photo(2))] * 2)
+    encoded = data._ToEncoded(pin_memory=False)(_chunk(uri, 2, on_worker=True))
+    with pytest.raises(
+        ValueError, match=r"none of the 2 images of a batch .* data.decode_device=cpu"
+    ):
+        data._decode_on_worker(encoded, size=IMAGE_SIZE, device=torch.device("cpu"), train=True)
+
+
+# ---------------------------------------------------------------------------------------------
+# Options and configuration
+# ---------------------------------------------------------------------------------------------
+
+
+def test_cifar_modes_do_not_decode_on_the_device():
+    plan = data.EpochPlan.create(
+        [("mem://s", 8)], split="train", train=True, world_size=1, rank=0, epoch=0, seed=0,
+        batch_size=4,
+    )  # fmt: skip
+    with pytest.raises(ValueError, match="mode 'cifar' cannot decode on the Train worker"):
+        data.EpochBatches(plan, mode="cifar", image_size=32, decode_device="cpu")
+
+
+def _validate(**data_options) -> None:
+    validate(JobConfig(data=DataConfig(**data_options)), model_names_ok=lambda name: True)
+
+
+def test_config_validates_decode_device():
+    _validate(decode_device="device", augment="inception", image_size=224, eval_resize=256)
+    with pytest.raises(ConfigError, match=r"data.decode_device='gpu'; use cpu .* or device"):
+        _validate(decode_device="gpu")
+    with pytest.raises(
+        ConfigError, match=r"data.augment='cifar' reads 32x32 images whole: use data.decode_device"
+    ):
+        _validate(decode_device="device", augment="cifar")
+
+
+# ---------------------------------------------------------------------------------------------
+# Through a local Ray
+# ---------------------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def manifest(ray_local, tmp_path_factory):
+    """2 classes of synthetic ImageNet-like JPEGs (160-400 px): 16 train rows, 6 val rows."""
+    out = tmp_path_factory.mktemp("shards") / "synthetic"
+    status = prepare_main(
+        [
+            "synthetic", "--kind", "imagenet", "--classes", "2", "--train-per-class", "8",
+            "--val-per-class", "3", "--shard-rows", "5", "--row-group-rows", "2",
+            "--out", str(out),
+        ]
+    )  # fmt: skip
+    assert status == 0
+    return read_manifest(str(out))
+
+
+def _epoch(manifest, device: str | None, **overrides) -> tuple[list[data.Batch], int]:
+    options = {
+        "split": "train",
+        "mode": "paper",
+        "world_size": 1,
+        "rank": 0,
+        "epoch": 1,
+        "seed": 0,
+        "batch_size": 4,
+        "image_size": IMAGE_SIZE,
+        "map_batch_rows": 4,
+        "task_rows": 8,
+        "local_shuffle_buffer_size": 8,
+        "decode_device": device,
+    }
+    options.update(overrides)
+    if options["mode"] in data.EVAL_MODES:
+        options["local_shuffle_buffer_size"] = None
+    epoch = data.iter_batches(manifest, **options)
+    return list(epoch.batches()), epoch.num_bad
+
+
+@pytest.mark.parametrize("mode", ["paper", "eval_center"])
+def test_iter_batches_decodes_on_the_worker_like_the_cpu_path(manifest, mode):
+    split = "train" if mode == "paper" else "val"
+    cpu, cpu_bad = _epoch(manifest, None, mode=mode, split=split)
+    on_device, device_bad = _epoch(manifest, "cpu", mode=mode, split=split)
+    assert [b.keys for b in on_device] == [b.keys for b in cpu]
+    assert len(on_device) == (4 if mode == "paper" else 2)
+    assert device_bad == cpu_bad == 0
+    for mine, theirs in zip(on_device, cpu, strict=True):
+        assert torch.equal(mine.labels, theirs.labels)
+        assert mine.images.shape == theirs.images.shape
+        assert 0 < _mad(mine.images, theirs.images) < MAD_ROUNDED_BOX  # > 0: another decoder
+
+
+def test_iter_batches_device_path_resumes_mid_epoch(manifest):
+    full, _ = _epoch(manifest, "cpu")
+    tail, _ = _epoch(manifest, "cpu", skip_batches=3)
+    assert [b.keys for b in tail] == [b.keys for b in full[3:]]
+    assert torch.equal(tail[0].images, full[3].images)
+
+
+@pytest.mark.parametrize("train", [True, False])
+def test_bad_rows_through_ray_are_counted_not_fatal(ray_local, tmp_path, train):
+    good = [_photo(i) for i in range(6)]
+    images = [good[0], b"not an image", good[2], _broken_huffman_table(good[3]), good[4], good[5]]
+    uri = _write_shard(tmp_path / "bad.parquet", images)
+    plan = data.EpochPlan.create(
+        [(uri, 6)], split="hand", train=train, world_size=1, rank=0, epoch=0, seed=0,
+        batch_size=3,
+    )  # fmt: skip
+    mode = "paper" if train else "eval_center"
+    counts = []
+    for device in (None, "cpu"):
+        epoch = data.EpochBatches(
+            plan, mode=mode, image_size=IMAGE_SIZE, map_batch_rows=6, task_rows=6,
+            decode_device=device,
+        )  # fmt: skip
+        sizes = [len(batch.keys) for batch in epoch.batches()]
+        assert sizes == ([3, 3] if train else [2, 2])
+        counts.append(epoch.num_bad)
+    assert counts == [2, 2]
+
+
+@pytest.mark.gpu
+def test_iter_batches_decodes_on_cuda_like_the_cpu_path(manifest):
+    cpu, _ = _epoch(manifest, None)
+    on_gpu, _ = _epoch(manifest, "cuda")
+    assert [b.keys for b in on_gpu] == [b.keys for b in cpu]
+    for mine, theirs in zip(on_gpu, cpu, strict=True):
+        assert mine.images.device.type == "cuda"
+        assert _mad(mine.images, theirs.images) < MAD_ROUNDED_BOX
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("mode", ["paper", "inception", "eval_center"])
+def test_cuda_decode_crops_where_the_cpu_path_crops(tmp_path, mode):
+    datas = [_photo(i, 120 + 20 * i, 100 + 10 * i) for i in range(8)]
+    uri = _write_shard(tmp_path / "s.parquet", datas)
+    cpu, on_gpu = _both_paths(uri, 8, mode, "cuda")
+    assert on_gpu.keys == cpu.keys
+    bound = MAD_WHOLE_PIXEL_BOX if mode == "inception" else MAD_ROUNDED_BOX
+    assert _mad(on_gpu.images, cpu.images) < bound
