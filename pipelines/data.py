@@ -43,13 +43,30 @@ spread over the decode CPUs.
 Bad images: the shards were audited by resnet-prepare, but a row that still fails to decode never
 crashes the job. Training replaces it with a copy of another good row of the same map batch (the
 step count stays exact); evaluation drops it. Both count it (``EpochBatches.num_bad``).
+
+Decoding on the Train worker's device (``decode_device``, for GPU nodes short of CPU cores): the
+Ray Data tasks then only read rows and JPEG headers and draw each row's crop box and flip
+(:func:`resnet_core.transforms.sample_crop`, the same draws from the same generator as the CPU
+path), and ship the encoded bytes; the worker decodes each batch on its device
+(:func:`resnet_core.transforms.decode_jpeg_crops`: nvJPEG on a GPU), one batch ahead in a helper
+thread. Rows, order, boxes and flips are those of the CPU path; pixels differ by a few levels
+(see decode_jpeg_crops). Rows that are not complete RGB or grayscale JPEGs (a hand-made shard's
+PNG, CMYK or truncated JPEG; resnet-prepare writes none) are decoded in the task as on the CPU
+path and travel as pixels. A row whose header does not parse or that fails there is bad in the
+task; one that nvJPEG or libjpeg rejects (a broken Huffman table, say) is bad on the worker.
+Either is replaced on the worker by a copy of a good row of the same batch (training; the CPU
+path copies within a map batch) or dropped (evaluation), and counted once. The CIFAR modes stay
+on the CPU path (32x32 PNGs).
 """
 
 from __future__ import annotations
 
+import functools
+import io
 import math
 import zlib
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from itertools import pairwise
 from typing import Any, NamedTuple
@@ -59,6 +76,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import ray
 import torch
+from PIL import Image
 from ray.data.collate_fn import NumpyBatchCollateFn
 from torch import Tensor
 
@@ -71,11 +89,14 @@ from resnet_core.transforms import (
     ScaleAugment,
     decode_batch,
     decode_crop,
+    decode_jpeg_crops,
     pad_crop_flip,
     random_affine,
+    sample_crop,
 )
 
 __all__ = [
+    "DEVICE_DECODE_MODES",
     "EVAL_MODES",
     "MODES",
     "TRAIN_MODES",
@@ -101,6 +122,16 @@ EVAL_MODES = ("eval_center", "eval_full")
 MODES = TRAIN_MODES + EVAL_MODES
 COLUMNS = ["image", "label", "key"]
 CIFAR_PAD = 4  # §4.2: "4 pixels are padded on each side"
+# The modes whose decode can move to the Train worker's device (a crop box per row).
+DEVICE_DECODE_MODES = ("paper", "inception", "eval_center", "eval_full")
+# What the worker-side decoder takes (MPO: a JPEG with extra frames, frame one is decoded);
+# other rows are decoded in the task, as on the CPU path.
+_DEVICE_FORMATS = ("JPEG", "MPO")
+_DEVICE_PIL_MODES = ("RGB", "L")
+# A complete JPEG ends with its end-of-image marker. One that does not (truncated, or with
+# trailing bytes) is decoded in the task, so PIL judges it as on the CPU path instead of the
+# device decoder, whose handling of truncation need not match.
+_JPEG_END = b"\xff\xd9"
 
 
 @dataclass(frozen=True)
@@ -373,6 +404,47 @@ def _decode_rows(
     return images, bad, first_error
 
 
+def _plan_rows(
+    datas: Sequence[bytes],
+    *,
+    mode: str,
+    sampler: BoxSampler,
+    rng: np.random.Generator,
+) -> tuple[np.ndarray, dict[str, np.ndarray], np.ndarray, str]:
+    """The device path's task side: read each header, draw the crop, decode nothing.
+
+    Returns (object (N,) bytes: the encoded image, or for ``raw`` rows the (S, S, 3) uint8
+    pixels of a crop decoded here; {"box": float64 (N, 4), "flip": bool (N,), "raw": bool (N,)};
+    bool (N,) bad; first error). The draws are :func:`_decode_rows`' draws: row by row, once
+    the header parses, the box then (training) the flip, from the same generator.
+    """
+    images = np.full(len(datas), b"", dtype=object)
+    boxes = np.zeros((len(datas), 4))
+    flips = np.zeros(len(datas), dtype=bool)
+    raw = np.zeros(len(datas), dtype=bool)
+    bad = np.zeros(len(datas), dtype=bool)
+    first_error = ""
+    flip = None if mode in TRAIN_MODES else False
+    for i, data in enumerate(datas):
+        try:
+            with Image.open(io.BytesIO(data)) as img:
+                on_device = (
+                    img.format in _DEVICE_FORMATS
+                    and img.mode in _DEVICE_PIL_MODES
+                    and data.endswith(_JPEG_END)
+                )
+                if on_device:
+                    box, flips[i] = sample_crop(sampler, rng, *img.size, flip=flip)
+            if on_device:
+                images[i], boxes[i] = data, box
+            else:
+                images[i], raw[i] = decode_crop(data, sampler, rng, flip=flip).tobytes(), True
+        except Exception as e:  # as in _decode_rows: the row is bad, the task goes on
+            bad[i] = True
+            first_error = first_error or f"{type(e).__name__}: {e}"
+    return images, {"box": boxes, "flip": flips, "raw": raw}, bad, first_error
+
+
 def _decode_chunk(
     chunk: dict[str, np.ndarray],
     *,
@@ -382,11 +454,14 @@ def _decode_chunk(
     seed: int,
     epoch: int,
     map_batch_rows: int,
+    on_worker: bool = False,
 ) -> Iterator[dict[str, np.ndarray]]:
     """Ray Data task: one chunk ``{"uri", "start", "stop"}`` -> decoded map batches.
 
     Output columns: image uint8 (N, S, S, 3), label int64, key str, bad bool (a replaced copy in
-    training, a row to drop in evaluation).
+    training, a row to drop in evaluation). ``on_worker`` (device decode): image is bytes (see
+    :func:`_plan_rows`), plus box float64 (N, 4), flip bool and raw bool; bad rows stay as they
+    are, for the worker to replace or drop.
     """
     uri, start, stop = str(chunk["uri"][0]), int(chunk["start"][0]), int(chunk["stop"][0])
     table = _read_rows(uri, start, stop)
@@ -399,14 +474,21 @@ def _decode_chunk(
         keys = rows.column("key").to_pylist()
         labels = rows.column("label").to_numpy().astype(np.int64)
         rng = np.random.default_rng([seed, epoch, zlib.crc32("\0".join(keys).encode())])
-        images, bad, error = _decode_rows(
-            rows.column("image").to_pylist(),
-            mode=mode,
-            sampler=sampler,
-            image_size=image_size,
-            rng=rng,
-        )
-        if train and bad.any():
+        crops: dict[str, np.ndarray] = {}  # the device path's per-row crop columns
+        if on_worker:
+            images, crops, bad, error = _plan_rows(
+                rows.column("image").to_pylist(), mode=mode, sampler=sampler, rng=rng
+            )
+        else:
+            images, bad, error = _decode_rows(
+                rows.column("image").to_pylist(),
+                mode=mode,
+                sampler=sampler,
+                image_size=image_size,
+                rng=rng,
+            )
+        # The device path replaces bad rows on the worker, where decode failures show up too.
+        if train and bad.any() and not on_worker:
             good = np.flatnonzero(~bad)
             if len(good) == 0:
                 raise ValueError(
@@ -423,7 +505,13 @@ def _decode_chunk(
             images = pad_crop_flip(images, rng, pad=CIFAR_PAD)
         if mode == "cifar_tutorial":
             images = random_affine(images, rng)
-        yield {"image": images, "label": labels, "key": np.asarray(keys, dtype=object), "bad": bad}
+        yield {
+            "image": images,
+            "label": labels,
+            "key": np.asarray(keys, dtype=object),
+            "bad": bad,
+            **crops,
+        }
 
 
 def _aligned_pieces(start: int, stop: int, step: int) -> list[tuple[int, int]]:
@@ -442,6 +530,31 @@ def _chunks(plan: EpochPlan, task_rows: int) -> list[dict[str, Any]]:
     return items
 
 
+def decode_inline(
+    plan: EpochPlan,
+    *,
+    mode: str,
+    image_size: int,
+    eval_resize: int | None = None,
+    map_batch_rows: int = 64,
+    task_rows: int = 512,
+) -> Iterator[dict[str, np.ndarray]]:
+    """The plan's decode tasks run one after another in this process, without Ray: the same
+    rows, order, crops and flips as :func:`build_dataset` (map batches of ``map_batch_rows``).
+    For a bare single-process loop to be measured against the Ray pipeline."""
+    eval_resize = _check_options(plan, mode, image_size, eval_resize, map_batch_rows, task_rows)
+    for chunk in _chunks(plan, task_rows):
+        yield from _decode_chunk(
+            {key: np.asarray([value]) for key, value in chunk.items()},
+            mode=mode,
+            image_size=image_size,
+            eval_resize=eval_resize,
+            seed=plan.seed,
+            epoch=plan.epoch,
+            map_batch_rows=map_batch_rows,
+        )
+
+
 def _check_options(
     plan: EpochPlan,
     mode: str,
@@ -449,10 +562,17 @@ def _check_options(
     eval_resize: int | None,
     map_batch_rows: int,
     task_rows: int,
+    on_worker: bool = False,
 ) -> int:
     """Validate the decode options for ``plan``; returns ``eval_resize`` with its default."""
     if mode not in MODES:
         raise ValueError(f"mode {mode!r} is unknown: use one of {MODES}")
+    if on_worker and mode not in DEVICE_DECODE_MODES:
+        raise ValueError(
+            f"mode {mode!r} cannot decode on the Train worker's device (its 32x32 PNGs have no "
+            f"crop box to plan); decode it in the Ray Data tasks (decode_device None), or use "
+            f"one of {DEVICE_DECODE_MODES}"
+        )
     if (mode in TRAIN_MODES) != plan.train:
         kind = "a training" if plan.train else "an evaluation"
         raise ValueError(
@@ -481,6 +601,7 @@ def build_dataset(
     decode_concurrency: int | None = None,
     map_batch_rows: int = 64,
     task_rows: int = 512,
+    decode_on_worker: bool = False,
 ) -> ray.data.Dataset:
     """The rank's epoch as a Ray Dataset of decoded rows, in plan order.
 
@@ -489,8 +610,12 @@ def build_dataset(
     (default ``image_size * 256 / 224``, the paper's 256 for 224). Each decode task reads
     ``task_rows`` rows (a multiple of ``map_batch_rows``, the rows sharing one random generator)
     with ``decode_num_cpus`` CPUs; ``decode_concurrency`` caps concurrent tasks (None: Ray decides).
+    ``decode_on_worker``: the tasks only plan the crops; image is then the encoded bytes, with
+    box, flip and raw columns (see the module docstring, "Decoding on the Train worker's device").
     """
-    eval_resize = _check_options(plan, mode, image_size, eval_resize, map_batch_rows, task_rows)
+    eval_resize = _check_options(
+        plan, mode, image_size, eval_resize, map_batch_rows, task_rows, decode_on_worker
+    )
     chunks = _chunks(plan, task_rows)
     if not chunks:
         raise ValueError(f"rank {plan.rank} reads no rows of split {plan.split!r} in this plan")
@@ -510,6 +635,7 @@ def build_dataset(
             "seed": plan.seed,
             "epoch": plan.epoch,
             "map_batch_rows": map_batch_rows,
+            "on_worker": decode_on_worker,
         },
         num_cpus=decode_num_cpus,
         concurrency=decode_concurrency,
@@ -522,8 +648,9 @@ def build_dataset(
 
 
 class Batch(NamedTuple):
-    """One batch on the CPU: uint8 (N, H, W, 3) images, int64 (N,) labels, their keys, and how
-    many of its rows were undecodable (training: replaced copies; evaluation: dropped)."""
+    """One batch: uint8 (N, H, W, 3) images (on the CPU; on the decode device when the worker
+    decodes), int64 (N,) CPU labels, their keys, and how many of its rows were undecodable
+    (training: replaced copies; evaluation: dropped)."""
 
     images: Tensor
     labels: Tensor
@@ -552,6 +679,125 @@ class _ToBatch(NumpyBatchCollateFn):
         return Batch(images_t, labels_t, tuple(str(k) for k in keys), int(bad.sum()))
 
 
+class _Encoded(NamedTuple):
+    """A batch of the device path before its decode: one 1-D uint8 CPU tensor per row (encoded
+    JPEG, or a ``raw`` row's decoded crop), float64 (N, 4) crop boxes, bool (N,) flips, raw
+    flags and bad flags (rows the tasks could not read or decode), int64 labels and keys."""
+
+    datas: list[Tensor]
+    boxes: np.ndarray
+    flips: np.ndarray
+    raw: np.ndarray
+    bad: np.ndarray
+    labels: Tensor
+    keys: tuple[str, ...]
+
+
+class _ToEncoded(NumpyBatchCollateFn):
+    """numpy rows of the device path -> :class:`_Encoded`; runs in Ray's prefetch threads."""
+
+    def __init__(self, *, pin_memory: bool) -> None:
+        self.pin_memory = pin_memory
+
+    def __call__(self, batch: dict[str, np.ndarray]) -> _Encoded:
+        # Copies: the decoders want tensors, and Ray's buffers are read-only.
+        datas = [torch.from_numpy(np.frombuffer(d, dtype=np.uint8).copy()) for d in batch["image"]]
+        labels = torch.from_numpy(batch["label"].astype(np.int64))
+        if self.pin_memory:
+            labels = labels.pin_memory()
+        return _Encoded(
+            datas,
+            batch["box"],
+            batch["flip"].astype(bool),
+            batch["raw"].astype(bool),
+            batch["bad"].astype(bool),
+            labels,
+            tuple(str(k) for k in batch["key"]),
+        )
+
+
+def _decode_on_worker(encoded: _Encoded, *, size: int, device: torch.device, train: bool) -> Batch:
+    """Decode an :class:`_Encoded` batch on ``device`` into a :class:`Batch` of ``size`` crops.
+
+    Bad rows, the tasks' and those the decoder rejects, are replaced in training by copies of
+    good rows of this batch (the step count stays exact) and dropped in evaluation; each is
+    counted once in ``num_bad``.
+    """
+    n = len(encoded.datas)
+    jpeg = np.flatnonzero(~encoded.raw & ~encoded.bad)
+    decoded, failed = decode_jpeg_crops(
+        [encoded.datas[i] for i in jpeg],
+        encoded.boxes[jpeg],
+        encoded.flips[jpeg],
+        size,
+        device=device,
+    )
+    bad = encoded.bad.copy()
+    bad[jpeg] = failed.numpy()
+    images = decoded
+    if len(jpeg) < n:  # bad rows, and rows the tasks decoded (not complete RGB/gray JPEGs)
+        images = torch.zeros((n, size, size, 3), dtype=torch.uint8, device=device)
+        images[torch.from_numpy(jpeg).to(device)] = decoded
+        raw = np.flatnonzero(encoded.raw & ~encoded.bad)
+        if len(raw):
+            pixels = torch.stack([encoded.datas[i].view(size, size, 3) for i in raw])
+            images[torch.from_numpy(raw).to(device)] = pixels.to(device)
+    labels, keys = encoded.labels, encoded.keys
+    if bad.any():
+        good = np.flatnonzero(~bad)
+        if train and len(good) == 0:
+            raise ValueError(
+                f"none of the {n} images of a batch (keys {keys[0]} ...) decodes on {device}: "
+                "re-run resnet-prepare, which audits every image, or set data.decode_device=cpu"
+            )
+        # Training: copies of good rows of the same batch (as the CPU path does within a map
+        # batch); evaluation: bad rows are dropped.
+        source = np.arange(n) if train else good
+        if train:
+            source[bad] = good[np.arange(int(bad.sum())) % len(good)]
+        index = torch.from_numpy(source)
+        images, labels = images[index.to(device)], labels[index]
+        keys = tuple(keys[i] for i in source)
+    return Batch(images, labels, keys, int(bad.sum()))
+
+
+def _decode_ahead(
+    items: Iterator[_Encoded], decode: Callable[[_Encoded], Batch]
+) -> Iterator[Batch]:
+    """``decode`` every item in a helper thread, one batch ahead of the caller: the decode of
+    batch k + 1 (nvJPEG waits on its own CUDA stream; libjpeg on CPU) overlaps the training
+    step on batch k. The thread uses the same (default) CUDA stream as the caller's step, so
+    its crops are ready in stream order."""
+    with ThreadPoolExecutor(max_workers=1, thread_name_prefix="device-decode") as pool:
+        pending = None
+        for item in items:
+            submitted = pool.submit(decode, item)
+            if pending is not None:
+                yield pending.result()
+            pending = submitted
+        if pending is not None:
+            yield pending.result()
+
+
+TASK_BYTES = 16 * 2**20  # decoded bytes one decode task aims at: a block, in the object store
+MAX_TASK_ROWS = 512
+
+
+def default_task_rows(
+    mode: str, image_size: int, eval_resize: int | None, map_batch_rows: int
+) -> int:
+    """Rows per decode task: whole map batches, about :data:`TASK_BYTES` of decoded output.
+
+    A task's output is one object-store block. 512 rows of 224x224 crops are 77 MB: measured
+    with ``resnet-bench memory`` on an 80 MiB store, such blocks spilled every epoch to disk;
+    64-row blocks (9.6 MB) did not. Small images (CIFAR: 3 KB) keep 512-row tasks, whose fixed
+    cost (opening the shard, reading its footer) is then spread over more rows.
+    """
+    side = (eval_resize or round(image_size * 256 / 224)) if mode == "eval_full" else image_size
+    batches = max(1, TASK_BYTES // (side * side * 3 * map_batch_rows))
+    return min(batches * map_batch_rows, max(map_batch_rows, MAX_TASK_ROWS))
+
+
 class EpochBatches:
     """One rank's batches of one epoch; iterate for ``(images, labels)`` or use :meth:`batches`.
 
@@ -574,21 +820,28 @@ class EpochBatches:
         decode_num_cpus: float = 1.0,
         decode_concurrency: int | None = None,
         map_batch_rows: int = 64,
-        task_rows: int = 512,
+        task_rows: int | None = None,
+        decode_device: torch.device | str | None = None,
     ) -> None:
+        task_rows = task_rows or default_task_rows(mode, image_size, eval_resize, map_batch_rows)
         if not 0 <= skip_batches <= plan.steps:
             raise ValueError(
                 f"skip_batches {skip_batches} is outside 0..{plan.steps} (the epoch's batches)"
             )
         if local_shuffle_buffer_size is not None and not plan.train:
             raise ValueError("local_shuffle_buffer_size is for training; pass None to evaluate")
-        _check_options(plan, mode, image_size, eval_resize, map_batch_rows, task_rows)
+        on_worker = decode_device is not None
+        eval_resize = _check_options(
+            plan, mode, image_size, eval_resize, map_batch_rows, task_rows, on_worker
+        )
         self.plan = plan
         self.skip_batches = skip_batches
         self.num_bad = 0
         self._prefetch_batches = prefetch_batches
         self._shuffle_buffer = local_shuffle_buffer_size
         self._pin_memory = pin_memory
+        self._decode_device = torch.device(decode_device) if on_worker else None
+        self._crop_size = eval_resize if mode == "eval_full" else image_size
         self._dataset_options = {
             "mode": mode,
             "image_size": image_size,
@@ -597,6 +850,7 @@ class EpochBatches:
             "decode_concurrency": decode_concurrency,
             "map_batch_rows": map_batch_rows,
             "task_rows": task_rows,
+            "decode_on_worker": on_worker,
         }
 
     def __len__(self) -> int:
@@ -617,20 +871,41 @@ class EpochBatches:
         if self._shuffle_buffer is not None:
             state = np.random.SeedSequence([plan.seed, plan.epoch, plan.rank]).generate_state(1)
             shuffle_seed = int(state[0])
+        if self._decode_device is None:
+            collate = _ToBatch(drop_bad=not plan.train, pin_memory=self._pin_memory)
+        else:
+            collate = _ToEncoded(pin_memory=self._pin_memory)
         stream = ds.iter_torch_batches(
             batch_size=plan.batch_size,
-            collate_fn=_ToBatch(drop_bad=not plan.train, pin_memory=self._pin_memory),
+            collate_fn=collate,
             device="cpu",  # the caller moves batches to its device (non_blocking when pinned)
             drop_last=plan.train,
             local_shuffle_buffer_size=self._shuffle_buffer,
             local_shuffle_seed=shuffle_seed,
             prefetch_batches=self._prefetch_batches,
         )
+        batches = self._planned(stream)
+        if self._decode_device is not None:  # skipped batches are never decoded
+            batches = _decode_ahead(
+                batches,
+                functools.partial(
+                    _decode_on_worker,
+                    size=self._crop_size,
+                    device=self._decode_device,
+                    train=plan.train,
+                ),
+            )
+        for batch in batches:
+            self.num_bad += batch.num_bad
+            yield batch
+
+    def _planned(self, stream: Iterable[Any]) -> Iterator[Any]:
+        """The stream's batches after the skipped ones, up to the plan's step count."""
+        plan = self.plan
         produced = 0
         for batch in stream:
             produced += 1
             if produced > self.skip_batches:
-                self.num_bad += batch.num_bad
                 yield batch
             if produced == plan.steps:
                 break
@@ -662,7 +937,8 @@ def iter_batches(
     decode_num_cpus: float = 1.0,
     decode_concurrency: int | None = None,
     map_batch_rows: int = 64,
-    task_rows: int = 512,
+    task_rows: int | None = None,
+    decode_device: torch.device | str | None = None,
 ) -> EpochBatches:
     """One rank's epoch of ``split`` as ``(uint8 images, int64 labels)`` CPU batches.
 
@@ -670,7 +946,10 @@ def iter_batches(
     (:data:`EVAL_MODES`) an exactly-once pass (``epoch`` is then irrelevant). ``max_batches``
     ends the epoch early (e.g. at the job's last step); ``skip_batches`` resumes mid-epoch
     (batches ``skip_batches .. max_batches - 1`` come out). ``pin_memory``: pinned host tensors
-    for fast ``.to(cuda, non_blocking=True)``. Other arguments: :func:`build_dataset`.
+    for fast ``.to(cuda, non_blocking=True)``. ``decode_device`` (e.g. the worker's GPU): the
+    decode tasks only plan the crops and this process decodes each batch there, so the images
+    arrive on that device (see the module docstring); None: decode in the tasks. Other
+    arguments: :func:`build_dataset`.
     """
     if mode not in MODES:
         raise ValueError(f"mode {mode!r} is unknown: use one of {MODES}")
@@ -698,4 +977,5 @@ def iter_batches(
         decode_concurrency=decode_concurrency,
         map_batch_rows=map_batch_rows,
         task_rows=task_rows,
+        decode_device=decode_device,
     )

@@ -283,6 +283,7 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
             prefetch_batches=d.prefetch_batches,
             local_shuffle_buffer_size=d.shuffle_buffer or None,
             pin_memory=on_gpu,
+            decode_device=device if d.decode_device == "device" else None,
         )
         model.train()
         window = _Window(device)
@@ -290,7 +291,7 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
         for batch_index, (images, labels) in enumerate(batches, start=batches_done):
             window.data_seconds += time.perf_counter() - fetch_start
             set_lr(optimizer, schedule.lr(step))
-            images = images.to(device, non_blocking=True)
+            images = images.to(device, non_blocking=True)  # no-op if decoded there (decode_device)
             labels = labels.to(device, non_blocking=True)
             x = to_float_batch(
                 images, mean=mean, std=std, lighting_std=d.lighting_std, channels_last=channels_last
@@ -590,6 +591,7 @@ def evaluate(
         decode_concurrency=d.decode_concurrency,
         prefetch_batches=d.prefetch_batches,
         pin_memory=device.type == "cuda",
+        decode_device=device if d.decode_device == "device" else None,
     )
     for images, labels in batches:
         images = images.to(device, non_blocking=True)
@@ -783,16 +785,7 @@ def start_ray(config: JobConfig, address: str | None) -> bool:
     else:
         sc, d = config.scale, config.data
         needed = sc.num_workers * (sc.cpus_per_worker + d.decode_cpus)
-        # The dashboard stays on loopback. Ray Train's placement-group cleaner reaches it through
-        # the state API, whose auto-detection fails when another Ray runs on this machine: name
-        # it to the job's processes.
-        port = _free_loopback_port()
-        ray.init(
-            num_cpus=max(os.cpu_count() or 1, math.ceil(needed)),
-            dashboard_host="127.0.0.1",
-            dashboard_port=port,
-            runtime_env={"env_vars": {"RAY_API_SERVER_ADDRESS": f"http://127.0.0.1:{port}"}},
-        )
+        init_local_ray(num_cpus=max(os.cpu_count() or 1, math.ceil(needed)))
     # ray.init makes SIGTERM a bare sys.exit (and Ray's core worker a crash report): put ours
     # back, so a stopped job (`ray job stop`, kill) ends its MLflow run and exits 130.
     signal.signal(signal.SIGTERM, _raise_interrupt)
@@ -802,6 +795,25 @@ def start_ray(config: JobConfig, address: str | None) -> bool:
         ray.shutdown()
         raise
     return True
+
+
+def init_local_ray(num_cpus: int, **options: Any) -> None:
+    """A local Ray for Ray Train: ``num_cpus`` logical CPUs, the dashboard on loopback.
+
+    Ray Train's placement-group cleaner reaches the dashboard through the state API, whose
+    auto-detection fails when another Ray runs on this machine: its address is named to the
+    job's processes. ``options`` go to ``ray.init`` (e.g. ``object_store_memory``).
+    """
+    import ray
+
+    port = _free_loopback_port()
+    ray.init(
+        num_cpus=num_cpus,
+        dashboard_host="127.0.0.1",
+        dashboard_port=port,
+        runtime_env={"env_vars": {"RAY_API_SERVER_ADDRESS": f"http://127.0.0.1:{port}"}},
+        **options,
+    )
 
 
 def _free_loopback_port() -> int:
@@ -931,11 +943,12 @@ def run_training(config: JobConfig, manifest: Manifest, plan: StepPlan) -> dict[
     except TrainingInterrupted:
         client.set_terminated(run_id, "FAILED")
         raise
-    except (KeyboardInterrupt, SystemExit) as e:
+    except (KeyboardInterrupt, SystemExit):
         # SIGINT: Ray Train aborts the run and exits; SIGTERM: our handler (see main).
         client.set_terminated(run_id, "FAILED")
-        # Ray Train's SIGINT handler ends with sys.exit; our SIGTERM handler names the signal.
-        name = str(e) if isinstance(e, KeyboardInterrupt) and str(e) else "SIGINT"
+        # Ray Train turns an interrupt during fit() into its own abort and sys.exit, which
+        # loses the signal's name: our SIGTERM handler records it.
+        name = _RECEIVED[-1] if _RECEIVED else "SIGINT"
         raise TrainingInterrupted(f"interrupted ({name})") from None
     except BaseException:
         client.set_terminated(run_id, "FAILED")
@@ -999,8 +1012,12 @@ def log_final_model(
     client.set_tag(run_id, tracking.FINAL_MODEL_TAG, info.model_uri)
 
 
+_RECEIVED: list[str] = []  # the signals our handler turned into KeyboardInterrupt
+
+
 def _raise_interrupt(signum: int, frame: Any) -> None:
-    raise KeyboardInterrupt(signal.Signals(signum).name)
+    _RECEIVED.append(signal.Signals(signum).name)
+    raise KeyboardInterrupt(_RECEIVED[-1])
 
 
 def _fail(message: object, status: int) -> SystemExit:

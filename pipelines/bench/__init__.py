@@ -24,14 +24,7 @@ COMMANDS = ("data", "train", "memory", "gpu", "scaling")
 
 
 def _modules() -> dict:
-    modules = {}
-    for name in COMMANDS:
-        try:
-            modules[name] = importlib.import_module(f"pipelines.bench.{name}")
-        except ModuleNotFoundError as e:
-            if e.name != f"pipelines.bench.{name}":
-                raise
-    return modules
+    return {name: importlib.import_module(f"pipelines.bench.{name}") for name in COMMANDS}
 
 
 def main(argv: Sequence[str] | None = None) -> int:
