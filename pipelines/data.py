@@ -27,16 +27,26 @@ execution: 9-13 s per epoch and rank on a 300-row split, against 0.4 s for ``fro
 out of the object store: only crops travel. Any shard count works: a shard may be split between
 two ranks (each reads only the row groups it needs).
 
+Shuffling, at no memory cost. resnet-prepare shuffles every split before cutting it into
+shards, so any run of rows is a random sample of its split. A training epoch then (1) permutes
+the shards by ``(seed, epoch)`` (the plan), (2) takes the rank's decode tasks (``task_rows``
+consecutive rows each) in an order drawn from ``(seed, epoch, rank)`` and (3) permutes the rows
+inside each task by ``(seed, epoch, shard, start)`` before decoding — FFCV's "quasi-random"
+order. Batches therefore mix rows from a fresh 512-row window every epoch while only encoded
+bytes are reordered. Ray's local shuffle buffer (``local_shuffle_buffer_size``) adds a sliding
+mix on top, but it holds its rows as decoded crops in the object store: 2,048 rows of 224x224
+are 300 MB per worker, and on a store too small for them every epoch spills (``resnet-bench
+memory``), so the ImageNet recipes leave it off; for 32x32 images it costs ~3 KB a row.
+
 Determinism. Augmentation randomness comes from ``numpy.random.default_rng([seed, epoch,
-crc32(keys of the map batch)])``; map batches are fixed slices of each shard (multiples of
-``map_batch_rows`` from the shard start, cut at the rank's range ends), so the draws do not
-depend on which task or node decodes them. The optional local shuffle buffer is seeded from
-``(seed, epoch, rank)``. Same manifest, world size and arguments give the same batches, pixel
-for pixel.
+crc32(keys of the map batch)])``; map batches are fixed slices of each task (cut at the
+multiples of ``map_batch_rows`` from the shard start and at the rank's range ends), so the draws
+do not depend on which node decodes them. The local shuffle buffer is seeded from ``(seed,
+epoch, rank)``. Same manifest, world size and arguments give the same batches, pixel for pixel.
 
 Mid-epoch resume: ``skip_batches=k`` reproduces the epoch's batch sequence and discards its first
-``k`` batches. Honest cost: those rows are still read and decoded (the shuffle buffer needs them
-to reproduce the order), they are only not trained on. At ~3-4 ms of CPU per full-size ImageNet
+``k`` batches. Honest cost: those rows are still read and decoded (a shuffle buffer needs them to
+reproduce the order), they are only not trained on. At ~3-4 ms of CPU per full-size ImageNet
 image (BENCHMARKS.md), resuming 1,000 steps of batch 32 into an epoch costs ~100-130 CPU seconds,
 spread over the decode CPUs.
 
@@ -467,8 +477,11 @@ def _decode_chunk(
     table = _read_rows(uri, start, stop)
     sampler = _sampler(mode, image_size, eval_resize)
     train = mode in TRAIN_MODES
-    # Map batches are multiples of map_batch_rows from the shard start, so the same rows meet the
-    # same random draws whichever chunk, task or node decodes them.
+    if train:  # a fresh order of the task's rows every epoch ("Shuffling" above)
+        table = table.take(_task_order(uri, start, stop, seed=seed, epoch=epoch))
+    # Map batches: fixed slices of the (permuted) task, map_batch_rows each and cut at the
+    # multiples of map_batch_rows from the shard start, so their random draws depend on the
+    # plan, not on which node decodes them.
     for lo, hi in _aligned_pieces(start, stop, map_batch_rows):
         rows = table.slice(lo - start, hi - lo)
         keys = rows.column("key").to_pylist()
@@ -514,19 +527,30 @@ def _decode_chunk(
         }
 
 
+def _task_order(uri: str, start: int, stop: int, *, seed: int, epoch: int) -> np.ndarray:
+    """The permutation of a training task's rows ``[start, stop)`` of shard ``uri`` in ``epoch``
+    (keyed by the shard's file name, so a dataset copied elsewhere keeps its orders)."""
+    name = zlib.crc32(uri.rstrip("/").rpartition("/")[2].encode())
+    return np.random.default_rng([seed, epoch, name, start]).permutation(stop - start)
+
+
 def _aligned_pieces(start: int, stop: int, step: int) -> list[tuple[int, int]]:
     """``[start, stop)`` cut at the multiples of ``step``: [(start, next multiple), ...]."""
     return list(pairwise([start, *range((start // step + 1) * step, stop, step), stop]))
 
 
 def _chunks(plan: EpochPlan, task_rows: int) -> list[dict[str, Any]]:
-    """The plan's ranges cut into decode tasks of at most ``task_rows`` rows (shard-aligned)."""
+    """The plan's ranges cut into decode tasks of at most ``task_rows`` rows (shard-aligned); a
+    training epoch takes them in an order drawn from ``(seed, epoch, rank)``."""
     items = []
     for r in plan.ranges:
         items += [
             {"uri": r.uri, "start": lo, "stop": hi}
             for lo, hi in _aligned_pieces(r.start, r.stop, task_rows)
         ]
+    if plan.train:
+        order = np.random.default_rng([plan.seed, plan.epoch, plan.rank]).permutation(len(items))
+        items = [items[i] for i in order]
     return items
 
 
@@ -623,6 +647,7 @@ def build_dataset(
     # Blocks leave in input order whichever task finishes first; this dataset's own context (and
     # its descendants'), not the process-wide one. No progress bars in Train workers' logs.
     ds.context.execution_options.preserve_order = True
+    ds.context.target_max_block_size = TASK_BLOCK_BYTES
     ds.context.enable_progress_bars = False
     return ds.map_batches(
         _decode_chunk,
@@ -779,23 +804,10 @@ def _decode_ahead(
             yield pending.result()
 
 
-TASK_BYTES = 16 * 2**20  # decoded bytes one decode task aims at: a block, in the object store
-MAX_TASK_ROWS = 512
-
-
-def default_task_rows(
-    mode: str, image_size: int, eval_resize: int | None, map_batch_rows: int
-) -> int:
-    """Rows per decode task: whole map batches, about :data:`TASK_BYTES` of decoded output.
-
-    A task's output is one object-store block. 512 rows of 224x224 crops are 77 MB: measured
-    with ``resnet-bench memory`` on an 80 MiB store, such blocks spilled every epoch to disk;
-    64-row blocks (9.6 MB) did not. Small images (CIFAR: 3 KB) keep 512-row tasks, whose fixed
-    cost (opening the shard, reading its footer) is then spread over more rows.
-    """
-    side = (eval_resize or round(image_size * 256 / 224)) if mode == "eval_full" else image_size
-    batches = max(1, TASK_BYTES // (side * side * 3 * map_batch_rows))
-    return min(batches * map_batch_rows, max(map_batch_rows, MAX_TASK_ROWS))
+# Largest block a decode task emits into the object store: a 512-row task of 224x224 crops is
+# 77 MB, which spilled every epoch on an 80 MiB store (resnet-bench memory); Ray Data cuts a
+# task's output into blocks of this size as it yields them.
+TASK_BLOCK_BYTES = 16 * 2**20
 
 
 class EpochBatches:
@@ -820,10 +832,9 @@ class EpochBatches:
         decode_num_cpus: float = 1.0,
         decode_concurrency: int | None = None,
         map_batch_rows: int = 64,
-        task_rows: int | None = None,
+        task_rows: int = 512,
         decode_device: torch.device | str | None = None,
     ) -> None:
-        task_rows = task_rows or default_task_rows(mode, image_size, eval_resize, map_batch_rows)
         if not 0 <= skip_batches <= plan.steps:
             raise ValueError(
                 f"skip_batches {skip_batches} is outside 0..{plan.steps} (the epoch's batches)"
@@ -937,7 +948,7 @@ def iter_batches(
     decode_num_cpus: float = 1.0,
     decode_concurrency: int | None = None,
     map_batch_rows: int = 64,
-    task_rows: int | None = None,
+    task_rows: int = 512,
     decode_device: torch.device | str | None = None,
 ) -> EpochBatches:
     """One rank's epoch of ``split`` as ``(uint8 images, int64 labels)`` CPU batches.

@@ -85,6 +85,7 @@ DEMO_VAL_PER_CLASS = 100
 # folder that Ray's checkpoint bookkeeping still refers to.
 CHECKPOINT_PREFIX = "checkpoint-"
 CHECKPOINT_NAME = re.compile(r"checkpoint-(\d{9})-[0-9a-f]+")
+CHECKPOINT_SCORE = "val/top1"  # the metric that ranks checkpoints (keep the best K)
 EXIT_BAD_CONFIG = 2
 EXIT_INTERRUPTED = 130
 
@@ -460,6 +461,9 @@ def _report(
         ray.train.report(metrics)
         return
     name = f"{CHECKPOINT_PREFIX}{step:09d}-{attempt}"
+    # A checkpoint without a fresh validation (mid-epoch, or an epoch not evaluated) scores NaN,
+    # which Ray ranks below every number; MLflow's reporter skips NaN.
+    metrics = {CHECKPOINT_SCORE: float("nan"), **metrics}
     if state is None:
         ray.train.report(metrics, checkpoint=None, checkpoint_dir_name=name)
         return
@@ -925,7 +929,12 @@ def run_training(config: JobConfig, manifest: Manifest, plan: StepPlan) -> dict[
                 failure_config=FailureConfig(
                     max_failures=sc.max_failures, controller_failure_limit=3
                 ),
-                checkpoint_config=CheckpointConfig(num_to_keep=config.train.keep_checkpoints),
+                # The best K by validation top-1, plus the latest (Ray never deletes the latest).
+                checkpoint_config=CheckpointConfig(
+                    num_to_keep=config.train.keep_checkpoints,
+                    checkpoint_score_attribute=CHECKPOINT_SCORE,
+                    checkpoint_score_order="max",
+                ),
                 callbacks=[tracking.MlflowReporter(uri, run_id)],
                 # Ray Train's INFO lines (one per report) stay in its log files.
                 logging_config=LoggingConfig(log_level="WARNING"),

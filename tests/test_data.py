@@ -171,13 +171,27 @@ def test_steps_per_epoch_needs_only_the_manifest(manifest):
             assert plan.steps == steps
 
 
-def test_rows_come_in_plan_order_with_their_labels(manifest):
-    batches = _epoch(manifest, world_size=2, rank=1, epoch=2)
+def test_rows_come_shuffled_within_tasks_with_their_labels(manifest):
+    """Every row of the rank's plan once; each task's rows (up to 8) come together, the tasks
+    in an order that changes with the epoch (the shuffle that needs no buffer)."""
     plan = data.plan_epoch(
         manifest, "train", train=True, world_size=2, rank=1, epoch=2, seed=0, batch_size=4
     )
-    expected = [k for r in plan.ranges for k in _shard_keys(r.uri)[r.start : r.stop]]
-    assert _keys(batches) == expected
+    tasks = [
+        frozenset(_shard_keys(r.uri)[lo:hi])
+        for r in plan.ranges
+        for lo, hi in data._aligned_pieces(r.start, r.stop, 8)
+    ]
+    batches = _epoch(manifest, world_size=2, rank=1, epoch=2)
+    keys = _keys(batches)
+    assert sorted(keys) == sorted(k for task in tasks for k in task)
+    in_plan_order = [k for r in plan.ranges for k in _shard_keys(r.uri)[r.start : r.stop]]
+    assert keys != in_plan_order
+    task_of = {k: i for i, task in enumerate(tasks) for k in task}
+    runs = [task_of[k] for i, k in enumerate(keys) if i == 0 or task_of[k] != task_of[keys[i - 1]]]
+    assert sorted(runs) == list(range(len(tasks)))  # each task's rows come together ...
+    assert runs != sorted(runs)  # ... the tasks in a fresh order
+    assert _keys(_epoch(manifest, world_size=2, rank=1, epoch=3)) != keys
     labels = {}
     for uri in manifest.shard_uris("train"):
         table = pq.read_table(uri, columns=["key", "label"])

@@ -160,7 +160,10 @@ def test_device_tasks_draw_the_cpu_paths_boxes_and_flips(tmp_path):
     datas = [_photo(i, 120 + 20 * i, 100 + 10 * i) for i in range(8)]
     uri = _write_shard(tmp_path / "s.parquet", datas)
     planned = _chunk(uri, 8, on_worker=True)
-    keys = [f"hand/{i:03d}" for i in range(8)]
+    order = data._task_order(uri, 0, 8, seed=0, epoch=0)  # a training task's rows, permuted
+    datas = [datas[i] for i in order]
+    keys = [f"hand/{i:03d}" for i in order]
+    assert planned["key"].tolist() == keys
     rng = np.random.default_rng([0, 0, zlib.crc32("\0".join(keys).encode())])
     sampler = data._sampler("paper", IMAGE_SIZE, 36)
     expected = [sample_crop(sampler, rng, *Image.open(io.BytesIO(d)).size) for d in datas]
@@ -200,8 +203,13 @@ def test_bad_rows_are_counted_like_the_cpu_path(tmp_path, mode):
     ]
     uri = _write_shard(tmp_path / "bad.parquet", images)
     planned = _chunk(uri, 7, on_worker=True, mode=mode)
-    assert planned["bad"].tolist() == [False, True, True, False, False, False, False]
-    assert planned["raw"].tolist() == [False, False, False, False, True, False, True]
+    bad_in_task = [False, True, True, False, False, False, False]
+    raw = [False, False, False, False, True, False, True]
+    if mode == "paper":  # a training task's rows come permuted
+        order = data._task_order(uri, 0, 7, seed=0, epoch=0)
+        bad_in_task, raw = [bad_in_task[i] for i in order], [raw[i] for i in order]
+    assert planned["bad"].tolist() == bad_in_task
+    assert planned["raw"].tolist() == raw
     cpu, on_device = _both_paths(uri, 7, mode, "cpu")
     assert on_device.num_bad == cpu.num_bad == 3
     if mode == "paper":  # training: bad rows replaced by copies of good rows, 7 rows stay

@@ -17,10 +17,10 @@ step is the worst case for memory (nothing slows the producers down). ``--step-m
 simulated step time.
 
 What it found (BENCHMARKS.md): decode tasks of 512 rows made 77 MB blocks that spilled on an
-80 MiB store, hence tasks sized to ~16 MB of crops (:func:`pipelines.data.default_task_rows`);
-and Ray's local shuffle buffer keeps its rows' blocks in the object store, so the store must hold
-``shuffle_buffer`` x crop bytes per worker or it spills (``--shuffle-buffer 0`` shows the
-streaming alone staying within the store).
+80 MiB store, hence blocks cut at 16 MB (:data:`pipelines.data.TASK_BLOCK_BYTES`); and Ray's
+local shuffle buffer keeps its rows in the object store (1,024 rows of 224 px: 147 MiB), which
+spilled a 256 MiB store every epoch and ran 4x slower, hence the shuffle before decoding and no
+buffer in the ImageNet recipes (``--shuffle-buffer 1024`` shows the difference).
 
 Measured: the object store's use, polled every 0.2 s from the driver (peak), its spilled and
 fallback-allocated bytes (totals over the run, from the raylet), and the trainer process's RSS at
@@ -43,6 +43,7 @@ from typing import Any
 
 from pipelines.bench.common import BenchError, ratio_line
 from pipelines.config import DataConfig
+from pipelines.recipes import build_recipe
 
 MIB = 1024 * 1024
 MIN_STORE_MB = 76  # Ray's object store minimum is 75 MiB
@@ -79,8 +80,8 @@ def add_parser(commands: argparse._SubParsersAction) -> None:
     p.add_argument(
         "--shuffle-buffer",
         type=int,
-        default=DataConfig.shuffle_buffer,
-        help="rows in the worker's local shuffle buffer (0: none; default: the job's)",
+        default=build_recipe("imagenet-paper").data.shuffle_buffer,
+        help="rows in the worker's local shuffle buffer (default: the ImageNet recipes' 0)",
     )
     p.add_argument("--num-cpus", type=int, help="CPUs of the local Ray (default: all)")
 
