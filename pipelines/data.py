@@ -32,11 +32,12 @@ shards, so any run of rows is a random sample of its split. A training epoch the
 the shards by ``(seed, epoch)`` (the plan), (2) takes the rank's decode tasks (``task_rows``
 consecutive rows each) in an order drawn from ``(seed, epoch, rank)`` and (3) permutes the rows
 inside each task by ``(seed, epoch, shard, start)`` before decoding — FFCV's "quasi-random"
-order. Batches therefore mix rows from a fresh 512-row window every epoch while only encoded
-bytes are reordered. Ray's local shuffle buffer (``local_shuffle_buffer_size``) adds a sliding
-mix on top, but it holds its rows as decoded crops in the object store: 2,048 rows of 224x224
-are 300 MB per worker, and on a store too small for them every epoch spills (``resnet-bench
-memory``), so the ImageNet recipes leave it off; for 32x32 images it costs ~3 KB a row.
+order. Only encoded bytes are reordered, so this costs no memory. Tasks hold about 16 MB of
+decoded output (:func:`default_task_rows`: 512 rows of 32x32, 64 rows of 224x224), so at 224 px
+a task is a fixed group of 64 rows. Ray's local shuffle buffer (``local_shuffle_buffer_size``)
+mixes across tasks, but holds its rows as decoded crops in the object store: 1,024 rows of
+224x224 are 147 MiB per worker, which spilled a 256 MiB store every epoch and ran 4x slower
+(``resnet-bench memory``); the ImageNet recipes keep a 256-row buffer (38 MB, four tasks).
 
 Determinism. Augmentation randomness comes from ``numpy.random.default_rng([seed, epoch,
 crc32(keys of the map batch)])``; map batches are fixed slices of each task (cut at the
@@ -647,7 +648,6 @@ def build_dataset(
     # Blocks leave in input order whichever task finishes first; this dataset's own context (and
     # its descendants'), not the process-wide one. No progress bars in Train workers' logs.
     ds.context.execution_options.preserve_order = True
-    ds.context.target_max_block_size = TASK_BLOCK_BYTES
     ds.context.enable_progress_bars = False
     return ds.map_batches(
         _decode_chunk,
@@ -804,10 +804,24 @@ def _decode_ahead(
             yield pending.result()
 
 
-# Largest block a decode task emits into the object store: a 512-row task of 224x224 crops is
-# 77 MB, which spilled every epoch on an 80 MiB store (resnet-bench memory); Ray Data cuts a
-# task's output into blocks of this size as it yields them.
-TASK_BLOCK_BYTES = 16 * 2**20
+TASK_BYTES = 16 * 2**20  # decoded bytes a decode task aims at (its output, in the object store)
+MAX_TASK_ROWS = 512
+
+
+def default_task_rows(
+    mode: str, image_size: int, eval_resize: int | None, map_batch_rows: int
+) -> int:
+    """Rows per decode task: whole map batches, about :data:`TASK_BYTES` of decoded output.
+
+    Measured with ``resnet-bench memory`` on an 80 MiB store: 512-row tasks of 224x224 crops
+    (77 MB of output each) spilled every epoch, also with their output cut into 16 MB blocks (a
+    running task keeps producing); 64-row tasks (9.6 MB) never did. Small images (CIFAR: 3 KB)
+    keep 512-row tasks, whose fixed cost (opening the shard, reading its footer) then spreads
+    over more rows.
+    """
+    side = (eval_resize or round(image_size * 256 / 224)) if mode == "eval_full" else image_size
+    batches = max(1, TASK_BYTES // (side * side * 3 * map_batch_rows))
+    return min(batches * map_batch_rows, max(map_batch_rows, MAX_TASK_ROWS))
 
 
 class EpochBatches:
@@ -832,9 +846,10 @@ class EpochBatches:
         decode_num_cpus: float = 1.0,
         decode_concurrency: int | None = None,
         map_batch_rows: int = 64,
-        task_rows: int = 512,
+        task_rows: int | None = None,
         decode_device: torch.device | str | None = None,
     ) -> None:
+        task_rows = task_rows or default_task_rows(mode, image_size, eval_resize, map_batch_rows)
         if not 0 <= skip_batches <= plan.steps:
             raise ValueError(
                 f"skip_batches {skip_batches} is outside 0..{plan.steps} (the epoch's batches)"
@@ -948,7 +963,7 @@ def iter_batches(
     decode_num_cpus: float = 1.0,
     decode_concurrency: int | None = None,
     map_batch_rows: int = 64,
-    task_rows: int = 512,
+    task_rows: int | None = None,
     decode_device: torch.device | str | None = None,
 ) -> EpochBatches:
     """One rank's epoch of ``split`` as ``(uint8 images, int64 labels)`` CPU batches.

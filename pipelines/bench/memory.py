@@ -16,11 +16,11 @@ conversion on the worker's device — then drops it. No model: a consumer faster
 step is the worst case for memory (nothing slows the producers down). ``--step-ms`` adds a
 simulated step time.
 
-What it found (BENCHMARKS.md): decode tasks of 512 rows made 77 MB blocks that spilled on an
-80 MiB store, hence blocks cut at 16 MB (:data:`pipelines.data.TASK_BLOCK_BYTES`); and Ray's
-local shuffle buffer keeps its rows in the object store (1,024 rows of 224 px: 147 MiB), which
-spilled a 256 MiB store every epoch and ran 4x slower, hence the shuffle before decoding and no
-buffer in the ImageNet recipes (``--shuffle-buffer 1024`` shows the difference).
+What it found (BENCHMARKS.md): decode tasks of 512 rows of 224 px (77 MB of output each)
+spilled an 80 MiB store, hence tasks of ~16 MB (:func:`pipelines.data.default_task_rows`); and
+Ray's local shuffle buffer keeps its rows in the object store (1,024 rows of 224 px: 147 MiB),
+which spilled a 256 MiB store every epoch and ran 4x slower, hence the shuffle before decoding
+and a 256-row buffer in the ImageNet recipes (``--shuffle-buffer`` shows the difference).
 
 Measured: the object store's use, polled every 0.2 s from the driver (peak), its spilled and
 fallback-allocated bytes (totals over the run, from the raylet), and the trainer process's RSS at
@@ -81,7 +81,7 @@ def add_parser(commands: argparse._SubParsersAction) -> None:
         "--shuffle-buffer",
         type=int,
         default=build_recipe("imagenet-paper").data.shuffle_buffer,
-        help="rows in the worker's local shuffle buffer (default: the ImageNet recipes' 0)",
+        help="rows in the worker's local shuffle buffer (default: the ImageNet recipes')",
     )
     p.add_argument("--num-cpus", type=int, help="CPUs of the local Ray (default: all)")
 
