@@ -32,12 +32,14 @@ shards, so any run of rows is a random sample of its split. A training epoch the
 the shards by ``(seed, epoch)`` (the plan), (2) takes the rank's decode tasks (``task_rows``
 consecutive rows each) in an order drawn from ``(seed, epoch, rank)`` and (3) permutes the rows
 inside each task by ``(seed, epoch, shard, start)`` before decoding — FFCV's "quasi-random"
-order. Only encoded bytes are reordered, so this costs no memory. Tasks hold about 16 MB of
-decoded output (:func:`default_task_rows`: 512 rows of 32x32, 64 rows of 224x224), so at 224 px
-a task is a fixed group of 64 rows. Ray's local shuffle buffer (``local_shuffle_buffer_size``)
-mixes across tasks, but holds its rows as decoded crops in the object store: 1,024 rows of
-224x224 are 147 MiB per worker, which spilled a 256 MiB store every epoch and ran 4x slower
-(``resnet-bench memory``); the ImageNet recipes keep a 256-row buffer (38 MB, four tasks).
+order. Tasks hold about 16 MB of decoded output (:func:`default_task_rows`: 512 rows of 32x32,
+64 of 224x224) and are cut at an offset drawn per epoch (:func:`task_offset`), so the rows that
+share a task, and so a batch, change from epoch to epoch. Only encoded bytes are reordered: this
+costs no memory. Ray's local shuffle buffer (``local_shuffle_buffer_size``) mixes across tasks
+but holds decoded rows: 1,024 rows of 224x224 are 147 MiB of object store per worker, which
+spilled a 256 MiB store every epoch and ran 4x slower, and even 256 rows made the worker's RSS
+swing by 10-17% between epochs (``resnet-bench memory``); the ImageNet recipes go without it, the
+CIFAR ones keep 1,024 rows (3 KB each).
 
 Determinism. Augmentation randomness comes from ``numpy.random.default_rng([seed, epoch,
 crc32(keys of the map batch)])``; map batches are fixed slices of each task (cut at the
@@ -535,19 +537,30 @@ def _task_order(uri: str, start: int, stop: int, *, seed: int, epoch: int) -> np
     return np.random.default_rng([seed, epoch, name, start]).permutation(stop - start)
 
 
-def _aligned_pieces(start: int, stop: int, step: int) -> list[tuple[int, int]]:
-    """``[start, stop)`` cut at the multiples of ``step``: [(start, next multiple), ...]."""
-    return list(pairwise([start, *range((start // step + 1) * step, stop, step), stop]))
+def _aligned_pieces(start: int, stop: int, step: int, offset: int = 0) -> list[tuple[int, int]]:
+    """``[start, stop)`` cut at ``offset`` plus the multiples of ``step``."""
+    first = ((start - offset) // step + 1) * step + offset
+    return list(pairwise([start, *range(first, stop, step), stop]))
+
+
+def task_offset(plan: EpochPlan, task_rows: int) -> int:
+    """Where a training epoch's decode tasks are cut (``offset`` + multiples of ``task_rows``
+    from each shard's start): drawn per epoch, so the rows that share a task change every epoch."""
+    if not plan.train:
+        return 0
+    return int(np.random.default_rng([plan.seed, plan.epoch, 7]).integers(task_rows))
 
 
 def _chunks(plan: EpochPlan, task_rows: int) -> list[dict[str, Any]]:
-    """The plan's ranges cut into decode tasks of at most ``task_rows`` rows (shard-aligned); a
-    training epoch takes them in an order drawn from ``(seed, epoch, rank)``."""
+    """The plan's ranges cut into decode tasks of at most ``task_rows`` rows (within a shard, at
+    :func:`task_offset`); a training epoch takes them in an order drawn from ``(seed, epoch,
+    rank)``."""
     items = []
+    offset = task_offset(plan, task_rows)
     for r in plan.ranges:
         items += [
             {"uri": r.uri, "start": lo, "stop": hi}
-            for lo, hi in _aligned_pieces(r.start, r.stop, task_rows)
+            for lo, hi in _aligned_pieces(r.start, r.stop, task_rows, offset)
         ]
     if plan.train:
         order = np.random.default_rng([plan.seed, plan.epoch, plan.rank]).permutation(len(items))

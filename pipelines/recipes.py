@@ -100,7 +100,7 @@ def imagenet_paper(model: str = "resnet50") -> JobConfig:
             eval_resize=256,
             mean="per_pixel",
             lighting_std=0.1,
-            shuffle_buffer=256,  # 150 KB decoded rows: 38 MB (pipelines.data, Shuffling)
+            shuffle_buffer=0,  # shuffled before decoding instead (pipelines.data, Shuffling)
         ),
         optim=OptimConfig(lr=0.1, momentum=0.9, weight_decay=1e-4),
         schedule=ScheduleConfig(kind="plateau", plateau_patience=5),
@@ -121,7 +121,7 @@ def imagenet_fast(model: str = "resnet50") -> JobConfig:
             eval_resize=256,
             mean="imagenet",
             normalize_std=True,
-            shuffle_buffer=256,  # 150 KB decoded rows: 38 MB (pipelines.data, Shuffling)
+            shuffle_buffer=0,  # shuffled before decoding instead (pipelines.data, Shuffling)
         ),
         optim=OptimConfig(
             lr=0.1,

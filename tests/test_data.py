@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import io
 import json
 from collections import Counter
@@ -180,7 +181,7 @@ def test_rows_come_shuffled_within_tasks_with_their_labels(manifest):
     tasks = [
         frozenset(_shard_keys(r.uri)[lo:hi])
         for r in plan.ranges
-        for lo, hi in data._aligned_pieces(r.start, r.stop, 8)
+        for lo, hi in data._aligned_pieces(r.start, r.stop, 8, data.task_offset(plan, 8))
     ]
     batches = _epoch(manifest, world_size=2, rank=1, epoch=2)
     keys = _keys(batches)
@@ -192,6 +193,8 @@ def test_rows_come_shuffled_within_tasks_with_their_labels(manifest):
     assert sorted(runs) == list(range(len(tasks)))  # each task's rows come together ...
     assert runs != sorted(runs)  # ... the tasks in a fresh order
     assert _keys(_epoch(manifest, world_size=2, rank=1, epoch=3)) != keys
+    offsets = {data.task_offset(dataclasses.replace(plan, epoch=e), 8) for e in range(8)}
+    assert len(offsets) > 1  # the rows sharing a task change between epochs
     labels = {}
     for uri in manifest.shard_uris("train"):
         table = pq.read_table(uri, columns=["key", "label"])

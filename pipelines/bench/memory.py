@@ -18,9 +18,10 @@ simulated step time.
 
 What it found (BENCHMARKS.md): decode tasks of 512 rows of 224 px (77 MB of output each)
 spilled an 80 MiB store, hence tasks of ~16 MB (:func:`pipelines.data.default_task_rows`); and
-Ray's local shuffle buffer keeps its rows in the object store (1,024 rows of 224 px: 147 MiB),
-which spilled a 256 MiB store every epoch and ran 4x slower, hence the shuffle before decoding
-and a 256-row buffer in the ImageNet recipes (``--shuffle-buffer`` shows the difference).
+Ray's local shuffle buffer holds decoded rows (1,024 rows of 224 px: 147 MiB of object store),
+which spilled a 256 MiB store every epoch and ran 4x slower, and a 256-row one still made the
+worker's RSS swing between epochs; hence the shuffle before decoding and no buffer in the
+ImageNet recipes (``--shuffle-buffer N`` shows the difference).
 
 Measured: the object store's use, polled every 0.2 s from the driver (peak), its spilled and
 fallback-allocated bytes (totals over the run, from the raylet), and the trainer process's RSS at
