@@ -194,6 +194,9 @@ def _git_commit(workdir: str | Path | None) -> str | None:
     return out.stdout.strip() or None
 
 
+UNLOGGED_PREFIX = "checkpoint/"  # report keys for Ray's checkpoint ranking only
+
+
 class MlflowReporter(UserCallback):
     """The single MLflow writer of a Train run, living in the Train controller.
 
@@ -232,6 +235,8 @@ class MlflowReporter(UserCallback):
         batch = []
         for key, value in reported.items():
             if key == "step" or not isinstance(value, int | float) or isinstance(value, bool):
+                continue
+            if key.startswith(UNLOGGED_PREFIX):  # Ray's bookkeeping, not a training metric
                 continue
             if not math.isfinite(float(value)) or step <= self._last_step.get(key, -1):
                 continue

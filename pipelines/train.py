@@ -85,7 +85,10 @@ DEMO_VAL_PER_CLASS = 100
 # folder that Ray's checkpoint bookkeeping still refers to.
 CHECKPOINT_PREFIX = "checkpoint-"
 CHECKPOINT_NAME = re.compile(r"checkpoint-(\d{9})-[0-9a-f]+")
-CHECKPOINT_SCORE = "val/top1"  # the metric that ranks checkpoints (keep the best K)
+# Ranks checkpoints (keep the best K): validation top-1, or -1 where no validation ran (mid-epoch).
+# A key of its own: Ray stores the scores as JSON (a NaN comes back as None and breaks resume),
+# and MLflow must not record -1 as a top-1; the reporter skips "checkpoint/" keys.
+CHECKPOINT_SCORE = "checkpoint/score"
 EXIT_BAD_CONFIG = 2
 EXIT_INTERRUPTED = 130
 
@@ -461,9 +464,7 @@ def _report(
         ray.train.report(metrics)
         return
     name = f"{CHECKPOINT_PREFIX}{step:09d}-{attempt}"
-    # A checkpoint without a fresh validation (mid-epoch, or an epoch not evaluated) scores NaN,
-    # which Ray ranks below every number; MLflow's reporter skips NaN.
-    metrics = {CHECKPOINT_SCORE: float("nan"), **metrics}
+    metrics = {**metrics, CHECKPOINT_SCORE: float(metrics.get("val/top1", -1.0))}
     if state is None:
         ray.train.report(metrics, checkpoint=None, checkpoint_dir_name=name)
         return

@@ -553,14 +553,16 @@ def test_killed_worker_restarts_from_the_checkpoint(
     assert step % 4 == 0 or step % STEPS_PER_EPOCH == 0, driver.output
     run_id, histories = _assert_exact_run(mlflow_uri, "kill")
     assert "last_worker_failure" in _client(mlflow_uri).get_run(run_id).data.tags
-    # Kept: the best 2 by validation top-1 plus the latest. Mid-epoch checkpoints have no
-    # validation, so they go first.
+    # Kept: the best 2 by validation top-1 plus the latest; mid-epoch checkpoints (no validation)
+    # go first. Ray also keeps the one the restarted group resumed from.
     kept = sorted(
         int(p.name.split("-")[1]) for p in (tmp_path / "runs" / "kill").glob("checkpoint-*")
     )
     assert EPOCHS * STEPS_PER_EPOCH in kept, kept
-    assert 2 <= len(kept) <= 3, kept
-    assert all(step % STEPS_PER_EPOCH == 0 for step in kept), kept
+    epoch_ends = [s for s in kept if s % STEPS_PER_EPOCH == 0]
+    assert 2 <= len(epoch_ends) <= 3, kept
+    assert len(kept) - len(epoch_ends) <= 1, kept  # of 5 mid-epoch checkpoints
+    assert "checkpoint/score" not in _client(mlflow_uri).get_run(run_id).data.metrics
     finals["kill"] = {k: h[-1].value for k, h in histories.items() if k.startswith("val/")}
 
 
