@@ -232,14 +232,7 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
 
     batch_per_worker = t.global_batch // world
     lr = scaled_lr(o.lr, t.global_batch, o.reference_batch)
-    optimizer = build_sgd(
-        model,
-        lr=lr,
-        momentum=o.momentum,
-        weight_decay=o.weight_decay,
-        nesterov=o.nesterov,
-        decay_norm_and_bias=o.decay_norm_and_bias,
-    )
+    optimizer = make_optimizer(model, config)
     schedule = make_schedule(config, lr, plan.total_steps, plan.steps_per_epoch)
     criterion = nn.CrossEntropyLoss(label_smoothing=o.label_smoothing)
     mean, std = normalization(config, manifest, device)
@@ -521,6 +514,19 @@ def restore_latest(
     raise CheckpointError(
         f"no usable checkpoint under {parent} ({'; '.join(problems)}); refusing to restart from "
         "scratch — delete the run folder or pass a new --name"
+    )
+
+
+def make_optimizer(model: nn.Module, config: JobConfig) -> torch.optim.Optimizer:
+    """The job's SGD at its (linearly scaled) base learning rate; the schedule sets it per step."""
+    o, t = config.optim, config.train
+    return build_sgd(
+        model,
+        lr=scaled_lr(o.lr, t.global_batch, o.reference_batch),
+        momentum=o.momentum,
+        weight_decay=o.weight_decay,
+        nesterov=o.nesterov,
+        decay_norm_and_bias=o.decay_norm_and_bias,
     )
 
 

@@ -39,7 +39,6 @@ from torch import Tensor, nn
 from pipelines.bench.common import BenchError, ratio_line, target_line
 from pipelines.config import JobConfig
 from resnet_core.models import create_model, is_cifar_model
-from resnet_core.optim import build_sgd, scaled_lr
 from resnet_core.transforms import IMAGENET_MEAN_RGB, IMAGENET_STD_RGB, to_float_batch
 
 SKIP_LINE = "resnet-bench gpu: no CUDA device on this machine: skipped"
@@ -120,20 +119,13 @@ def build_training(
 ) -> tuple[nn.Module, torch.optim.Optimizer, nn.Module]:
     """The job's model, SGD optimizer and loss for one worker, as ``train_loop_per_worker``
     builds them (``torch.compile`` when ``config.train.compile``)."""
-    from pipelines.train import model_options
+    from pipelines.train import make_optimizer, model_options
 
     t, o = config.train, config.optim
     torch.manual_seed(t.seed)
     model = create_model(config.model.name, num_classes=num_classes, **model_options(config))
     model = model.to(device, memory_format=torch.channels_last if channels_last else None)
-    optimizer = build_sgd(
-        model,
-        lr=scaled_lr(o.lr, t.global_batch, o.reference_batch),
-        momentum=o.momentum,
-        weight_decay=o.weight_decay,
-        nesterov=o.nesterov,
-        decay_norm_and_bias=o.decay_norm_and_bias,
-    )
+    optimizer = make_optimizer(model, config)
     if t.compile:
         model = torch.compile(model)
     return model, optimizer, nn.CrossEntropyLoss(label_smoothing=o.label_smoothing)

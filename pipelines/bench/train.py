@@ -49,7 +49,6 @@ from pipelines.config import JobConfig
 from pipelines.manifest import Manifest, ManifestError, read_manifest
 from pipelines.recipes import RECIPES, build_recipe
 from resnet_core.models import create_model
-from resnet_core.optim import build_sgd
 from resnet_core.transforms import to_float_batch
 
 TARGET = 0.9  # issue target: the Ray pipeline >= 0.9x the bare loop (CPU, ResNet-20, 1 worker)
@@ -227,7 +226,7 @@ def _print_bare(label: str, m: LoopMeasurement) -> None:
 
 def bare_loop(config: JobConfig, manifest: Manifest, *, steps: int, warmup: int) -> LoopMeasurement:
     """A plain single-process PyTorch training loop over the job's rows, on the CPU."""
-    from pipelines.train import model_options, normalization
+    from pipelines.train import make_optimizer, model_options, normalization
 
     d, o = config.data, config.optim
     previous_threads = torch.get_num_threads()
@@ -238,14 +237,7 @@ def bare_loop(config: JobConfig, manifest: Manifest, *, steps: int, warmup: int)
         model = create_model(
             config.model.name, num_classes=manifest.num_classes, **model_options(config)
         )
-        optimizer = build_sgd(
-            model,
-            lr=o.lr,
-            momentum=o.momentum,
-            weight_decay=o.weight_decay,
-            nesterov=o.nesterov,
-            decay_norm_and_bias=o.decay_norm_and_bias,
-        )
+        optimizer = make_optimizer(model, config)
         criterion = nn.CrossEntropyLoss(label_smoothing=o.label_smoothing)
         mean, std = normalization(config, manifest, torch.device("cpu"))
         plan = data_lib.plan_epoch(
