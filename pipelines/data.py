@@ -575,12 +575,14 @@ def decode_inline(
     image_size: int,
     eval_resize: int | None = None,
     map_batch_rows: int = 64,
-    task_rows: int = 512,
+    task_rows: int | None = None,
 ) -> Iterator[dict[str, np.ndarray]]:
     """The plan's decode tasks run one after another in this process, without Ray: the same
     rows, order, crops and flips as :func:`build_dataset` (map batches of ``map_batch_rows``).
     For a bare single-process loop to be measured against the Ray pipeline."""
-    eval_resize = _check_options(plan, mode, image_size, eval_resize, map_batch_rows, task_rows)
+    eval_resize, task_rows = _check_options(
+        plan, mode, image_size, eval_resize, map_batch_rows, task_rows
+    )
     for chunk in _chunks(plan, task_rows):
         yield from _decode_chunk(
             {key: np.asarray([value]) for key, value in chunk.items()},
@@ -599,10 +601,11 @@ def _check_options(
     image_size: int,
     eval_resize: int | None,
     map_batch_rows: int,
-    task_rows: int,
+    task_rows: int | None,
     on_worker: bool = False,
-) -> int:
-    """Validate the decode options for ``plan``; returns ``eval_resize`` with its default."""
+) -> tuple[int, int]:
+    """Validate the decode options for ``plan``; returns ``eval_resize`` and ``task_rows``
+    with their defaults (``task_rows``: :func:`default_task_rows` of the output size)."""
     if mode not in MODES:
         raise ValueError(f"mode {mode!r} is unknown: use one of {MODES}")
     if on_worker and mode not in DEVICE_DECODE_MODES:
@@ -617,16 +620,19 @@ def _check_options(
             f"mode {mode!r} does not fit {kind} plan: use one of "
             f"{TRAIN_MODES if plan.train else EVAL_MODES}"
         )
-    if map_batch_rows < 1 or task_rows < 1 or task_rows % map_batch_rows:
-        raise ValueError(
-            f"task_rows {task_rows} must be a positive multiple of map_batch_rows {map_batch_rows}"
-        )
     if image_size < 1:
         raise ValueError(f"image_size {image_size} must be positive")
     eval_resize = eval_resize or round(image_size * 256 / 224)
     if eval_resize < image_size:
         raise ValueError(f"eval_resize {eval_resize} must be >= image_size {image_size}")
-    return eval_resize
+    if task_rows is None and map_batch_rows >= 1:
+        side = eval_resize if mode == "eval_full" else image_size
+        task_rows = default_task_rows(side, map_batch_rows)
+    if map_batch_rows < 1 or task_rows is None or task_rows < 1 or task_rows % map_batch_rows:
+        raise ValueError(
+            f"task_rows {task_rows} must be a positive multiple of map_batch_rows {map_batch_rows}"
+        )
+    return eval_resize, task_rows
 
 
 def build_dataset(
@@ -638,7 +644,7 @@ def build_dataset(
     decode_num_cpus: float = 1.0,
     decode_concurrency: int | None = None,
     map_batch_rows: int = 64,
-    task_rows: int = 512,
+    task_rows: int | None = None,
     decode_on_worker: bool = False,
 ) -> ray.data.Dataset:
     """The rank's epoch as a Ray Dataset of decoded rows, in plan order.
@@ -646,12 +652,12 @@ def build_dataset(
     Columns: image uint8 (image_size, image_size, 3) (eval_full: eval_resize square), label
     int64, key str, bad bool. ``eval_resize``: shorter side before the centre crop in eval modes
     (default ``image_size * 256 / 224``, the paper's 256 for 224). Each decode task reads
-    ``task_rows`` rows (a multiple of ``map_batch_rows``, the rows sharing one random generator)
-    with ``decode_num_cpus`` CPUs; ``decode_concurrency`` caps concurrent tasks (None: Ray decides).
+    ``task_rows`` rows (a multiple of ``map_batch_rows``, the rows sharing one random generator;
+    default :func:`default_task_rows`) with ``decode_num_cpus`` CPUs; ``decode_concurrency`` caps concurrent tasks (None: Ray decides).
     ``decode_on_worker``: the tasks only plan the crops; image is then the encoded bytes, with
     box, flip and raw columns (see the module docstring, "Decoding on the Train worker's device").
     """
-    eval_resize = _check_options(
+    eval_resize, task_rows = _check_options(
         plan, mode, image_size, eval_resize, map_batch_rows, task_rows, decode_on_worker
     )
     chunks = _chunks(plan, task_rows)
@@ -821,10 +827,9 @@ TASK_BYTES = 16 * 2**20  # decoded bytes a decode task aims at (its output, in t
 MAX_TASK_ROWS = 512
 
 
-def default_task_rows(
-    mode: str, image_size: int, eval_resize: int | None, map_batch_rows: int
-) -> int:
-    """Rows per decode task: whole map batches, about :data:`TASK_BYTES` of decoded output.
+def default_task_rows(side: int, map_batch_rows: int) -> int:
+    """Rows per decode task for ``side`` x ``side`` outputs: whole map batches, about
+    :data:`TASK_BYTES` of decoded output.
 
     Measured with ``resnet-bench memory`` on an 80 MiB store: 512-row tasks of 224x224 crops
     (77 MB of output each) spilled every epoch, also with their output cut into 16 MB blocks (a
@@ -832,7 +837,6 @@ def default_task_rows(
     keep 512-row tasks, whose fixed cost (opening the shard, reading its footer) then spreads
     over more rows.
     """
-    side = (eval_resize or round(image_size * 256 / 224)) if mode == "eval_full" else image_size
     batches = max(1, TASK_BYTES // (side * side * 3 * map_batch_rows))
     return min(batches * map_batch_rows, max(map_batch_rows, MAX_TASK_ROWS))
 
@@ -862,7 +866,6 @@ class EpochBatches:
         task_rows: int | None = None,
         decode_device: torch.device | str | None = None,
     ) -> None:
-        task_rows = task_rows or default_task_rows(mode, image_size, eval_resize, map_batch_rows)
         if not 0 <= skip_batches <= plan.steps:
             raise ValueError(
                 f"skip_batches {skip_batches} is outside 0..{plan.steps} (the epoch's batches)"
@@ -870,7 +873,7 @@ class EpochBatches:
         if local_shuffle_buffer_size is not None and not plan.train:
             raise ValueError("local_shuffle_buffer_size is for training; pass None to evaluate")
         on_worker = decode_device is not None
-        eval_resize = _check_options(
+        eval_resize, task_rows = _check_options(
             plan, mode, image_size, eval_resize, map_batch_rows, task_rows, on_worker
         )
         self.plan = plan

@@ -4,7 +4,8 @@ Plain functions taking a directory (pytest's tmp_path): ILSVRC2012 extracted fol
 val/<wnid>/), the devkit (meta.mat + ground truth, folder or .tar.gz), Kaggle's
 LOC_val_solution.csv + LOC_synset_mapping.txt, the original tar archives (train: a tar of
 per-class tars), the images real copies contain that need repair or skipping, and CIFAR-10's
-python batches. Reused by the sources, audit and prepare tests.
+python batches; and shards written by hand in resnet-prepare's schema. Reused by the sources,
+audit, prepare and reader tests.
 """
 
 from __future__ import annotations
@@ -270,3 +271,26 @@ def make_cifar10(root: Path, *, per_batch: int = 20, as_tar_gz: bool = False) ->
 def cifar_pixels(batch: int, rows: int) -> np.ndarray:
     """The uint8 (rows, 3072) data `make_cifar10` stores in batch number `batch` (test = 5)."""
     return np.random.default_rng(batch).integers(0, 256, size=(rows, 3072), dtype=np.uint8)
+
+
+def write_shard(
+    path: Path, images: list[bytes], labels: list[int] | None = None, *, row_group_size: int = 2
+) -> str:
+    """A shard of ``images`` keyed ``hand/000``, ``hand/001``, ...; labels default to 0, 1, ..."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from pipelines.prepare import SHARD_SCHEMA
+
+    table = pa.table(
+        {
+            "image": images,
+            "label": list(range(len(images))) if labels is None else labels,
+            "key": [f"hand/{i:03d}" for i in range(len(images))],
+            "height": [0] * len(images),
+            "width": [0] * len(images),
+        },
+        schema=SHARD_SCHEMA,
+    )
+    pq.write_table(table, path, row_group_size=row_group_size)
+    return str(path)

@@ -9,7 +9,6 @@ from collections import Counter
 from pathlib import Path
 
 import numpy as np
-import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 import torch
@@ -17,8 +16,8 @@ from PIL import Image
 
 from pipelines import data
 from pipelines.manifest import read_manifest
-from pipelines.prepare import SHARD_SCHEMA
 from pipelines.prepare import main as prepare_main
+from tests.fixtures_imagenet import write_shard
 
 IMAGE_SIZE = 32  # small crops keep decoding fast; the synthetic images are 160-400 px
 
@@ -73,21 +72,6 @@ def _jpeg(seed: int, size: tuple[int, int] = (96, 64)) -> bytes:
     buffer = io.BytesIO()
     Image.fromarray(pixels).save(buffer, format="JPEG", quality=90)
     return buffer.getvalue()
-
-
-def _write_shard(path: Path, images: list[bytes], labels: list[int]) -> str:
-    table = pa.table(
-        {
-            "image": images,
-            "label": labels,
-            "key": [f"hand/{i:03d}" for i in range(len(images))],
-            "height": [0] * len(images),
-            "width": [0] * len(images),
-        },
-        schema=SHARD_SCHEMA,
-    )
-    pq.write_table(table, path, row_group_size=2)
-    return str(path)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -265,7 +249,7 @@ def test_mode_must_fit_the_plan(manifest):
 def test_undecodable_images_are_counted_not_fatal(ray_local, tmp_path):
     good = [_jpeg(i) for i in range(6)]
     images = [good[0], b"not an image", good[2], good[3][: len(good[3]) // 3], good[4], good[5]]
-    uri = _write_shard(tmp_path / "bad.parquet", images, labels=[0, 1, 2, 3, 4, 5])
+    uri = write_shard(tmp_path / "bad.parquet", images, labels=[0, 1, 2, 3, 4, 5])
     plan_args = {"split": "hand", "world_size": 1, "rank": 0, "epoch": 0, "seed": 0}
 
     train_plan = data.EpochPlan.create([(uri, 6)], train=True, batch_size=3, **plan_args)
@@ -291,7 +275,7 @@ def test_undecodable_images_are_counted_not_fatal(ray_local, tmp_path):
 
 
 def test_a_batch_without_any_good_image_fails_with_the_reason(ray_local, tmp_path):
-    uri = _write_shard(tmp_path / "broken.parquet", [b"junk"] * 4, labels=[0] * 4)
+    uri = write_shard(tmp_path / "broken.parquet", [b"junk"] * 4, labels=[0] * 4)
     plan = data.EpochPlan.create(
         [(uri, 4)], split="hand", train=True, world_size=1, rank=0, epoch=0, seed=0, batch_size=2
     )
@@ -307,7 +291,7 @@ def test_cifar_mode_pads_crops_and_flips_fixed_size_images(ray_local, tmp_path):
         buffer = io.BytesIO()
         Image.fromarray(image).save(buffer, format="PNG")
         pngs.append(buffer.getvalue())
-    uri = _write_shard(tmp_path / "cifar.parquet", pngs, labels=list(range(8)))
+    uri = write_shard(tmp_path / "cifar.parquet", pngs, labels=list(range(8)))
     plan_args = {"split": "hand", "world_size": 1, "rank": 0, "epoch": 0, "seed": 0}
 
     eval_plan = data.EpochPlan.create([(uri, 8)], train=False, batch_size=8, **plan_args)

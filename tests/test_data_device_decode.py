@@ -11,11 +11,8 @@ from __future__ import annotations
 
 import io
 import zlib
-from pathlib import Path
 
 import numpy as np
-import pyarrow as pa
-import pyarrow.parquet as pq
 import pytest
 import torch
 from PIL import Image
@@ -23,7 +20,6 @@ from PIL import Image
 from pipelines import data
 from pipelines.config import ConfigError, DataConfig, JobConfig, validate
 from pipelines.manifest import read_manifest
-from pipelines.prepare import SHARD_SCHEMA
 from pipelines.prepare import main as prepare_main
 from resnet_core.transforms import (
     RandomResizedCrop,
@@ -32,7 +28,7 @@ from resnet_core.transforms import (
     decode_jpeg_crops,
     sample_crop,
 )
-from tests.fixtures_imagenet import encode, smooth_pixels
+from tests.fixtures_imagenet import encode, smooth_pixels, write_shard
 
 IMAGE_SIZE = 32
 # Mean absolute difference (uint8 levels) allowed between the two paths' crops of smooth images:
@@ -57,21 +53,6 @@ def _broken_huffman_table(jpeg: bytes) -> bytes:
 
 def _tensors(datas: list[bytes]) -> list[torch.Tensor]:
     return [torch.frombuffer(bytearray(d), dtype=torch.uint8) for d in datas]
-
-
-def _write_shard(path: Path, images: list[bytes]) -> str:
-    table = pa.table(
-        {
-            "image": images,
-            "label": list(range(len(images))),
-            "key": [f"hand/{i:03d}" for i in range(len(images))],
-            "height": [0] * len(images),
-            "width": [0] * len(images),
-        },
-        schema=SHARD_SCHEMA,
-    )
-    pq.write_table(table, path, row_group_size=4)
-    return str(path)
 
 
 def _chunk(uri: str, rows: int, *, on_worker: bool, mode: str = "paper") -> dict[str, np.ndarray]:
@@ -158,7 +139,7 @@ def test_decode_jpeg_crops_marks_undecodable_rows_bad(device):
 
 def test_device_tasks_draw_the_cpu_paths_boxes_and_flips(tmp_path):
     datas = [_photo(i, 120 + 20 * i, 100 + 10 * i) for i in range(8)]
-    uri = _write_shard(tmp_path / "s.parquet", datas)
+    uri = write_shard(tmp_path / "s.parquet", datas, row_group_size=4)
     planned = _chunk(uri, 8, on_worker=True)
     order = data._task_order(uri, 0, 8, seed=0, epoch=0)  # a training task's rows, permuted
     datas = [datas[i] for i in order]
@@ -177,7 +158,7 @@ def test_device_tasks_draw_the_cpu_paths_boxes_and_flips(tmp_path):
 @pytest.mark.parametrize("mode", ["paper", "inception", "eval_center", "eval_full"])
 def test_device_path_crops_where_the_cpu_path_crops(tmp_path, mode):
     datas = [_photo(i, 120 + 20 * i, 100 + 10 * i) for i in range(8)]
-    uri = _write_shard(tmp_path / "s.parquet", datas)
+    uri = write_shard(tmp_path / "s.parquet", datas, row_group_size=4)
     cpu, on_device = _both_paths(uri, 8, mode, "cpu")
     assert on_device.keys == cpu.keys
     assert torch.equal(on_device.labels, cpu.labels)
@@ -201,7 +182,7 @@ def test_bad_rows_are_counted_like_the_cpu_path(tmp_path, mode):
         good[5],
         good[6] + b"trailing bytes",  # decoded in the task: PIL judges it, as on the CPU path
     ]
-    uri = _write_shard(tmp_path / "bad.parquet", images)
+    uri = write_shard(tmp_path / "bad.parquet", images, row_group_size=4)
     planned = _chunk(uri, 7, on_worker=True, mode=mode)
     bad_in_task = [False, True, True, False, False, False, False]
     raw = [False, False, False, False, True, False, True]
@@ -225,7 +206,9 @@ def test_bad_rows_are_counted_like_the_cpu_path(tmp_path, mode):
 
 
 def test_a_batch_with_no_decodable_image_fails_training_with_the_fix(tmp_path):
-    uri = _write_shard(tmp_path / "s.parquet", [_broken_huffman_table(_photo(2))] * 2)
+    uri = write_shard(
+        tmp_path / "s.parquet", [_broken_huffman_table(_photo(2))] * 2, row_group_size=4
+    )
     encoded = data._ToEncoded(pin_memory=False)(_chunk(uri, 2, on_worker=True))
     with pytest.raises(
         ValueError, match=r"none of the 2 images of a batch .* data.decode_device=cpu"
@@ -328,7 +311,7 @@ def test_iter_batches_device_path_resumes_mid_epoch(manifest):
 def test_bad_rows_through_ray_are_counted_not_fatal(ray_local, tmp_path, train):
     good = [_photo(i) for i in range(6)]
     images = [good[0], b"not an image", good[2], _broken_huffman_table(good[3]), good[4], good[5]]
-    uri = _write_shard(tmp_path / "bad.parquet", images)
+    uri = write_shard(tmp_path / "bad.parquet", images, row_group_size=4)
     plan = data.EpochPlan.create(
         [(uri, 6)], split="hand", train=train, world_size=1, rank=0, epoch=0, seed=0,
         batch_size=3,
@@ -360,7 +343,7 @@ def test_iter_batches_decodes_on_cuda_like_the_cpu_path(manifest):
 @pytest.mark.parametrize("mode", ["paper", "inception", "eval_center"])
 def test_cuda_decode_crops_where_the_cpu_path_crops(tmp_path, mode):
     datas = [_photo(i, 120 + 20 * i, 100 + 10 * i) for i in range(8)]
-    uri = _write_shard(tmp_path / "s.parquet", datas)
+    uri = write_shard(tmp_path / "s.parquet", datas, row_group_size=4)
     cpu, on_gpu = _both_paths(uri, 8, mode, "cuda")
     assert on_gpu.keys == cpu.keys
     bound = MAD_WHOLE_PIXEL_BOX if mode == "inception" else MAD_ROUNDED_BOX

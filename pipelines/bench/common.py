@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+
 
 class BenchError(ValueError):
     """A bad command-line value; the message is one line naming the value and the fix."""
@@ -16,3 +18,9 @@ def target_line(name: str, baseline: str, target: float, ratio: float) -> str:
     """``target NAME/BASELINE >= 0.9x: met (0.95x)``."""
     verdict = "met" if ratio >= target else "missed"
     return f"target {name}/{baseline} >= {target:g}x: {verdict} ({ratio:.2f}x)"
+
+
+def print_machine() -> None:
+    """``machine: 2 CPUs, load average 0.9``: what else was running bears on every figure."""
+    if hasattr(os, "getloadavg"):
+        print(f"machine: {os.cpu_count()} CPUs, load average {os.getloadavg()[0]:.1f}", flush=True)

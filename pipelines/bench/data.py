@@ -31,7 +31,7 @@ import torch
 from PIL import Image
 
 from pipelines.audit import audit_image
-from pipelines.bench.common import BenchError, ratio_line, target_line
+from pipelines.bench.common import BenchError, print_machine, ratio_line, target_line
 from pipelines.sources import IMG_EXTENSIONS
 from resnet_core.transforms import (
     IMAGENET_MEAN_RGB,
@@ -264,8 +264,7 @@ def run_data_bench(
         f"; {seconds:g} CPU s per pipeline, 1 thread",
         flush=True,
     )
-    if hasattr(os, "getloadavg"):
-        print(f"machine: {os.cpu_count()} CPUs, load average {os.getloadavg()[0]:.1f}", flush=True)
+    print_machine()
     pipelines = per_core_pipelines(
         paths, [audited[i].data for i in usable], [small[i].data for i in usable]
     )

@@ -25,7 +25,6 @@ from __future__ import annotations
 
 import argparse
 import math
-import os
 import socket
 import statistics
 import time
@@ -37,7 +36,7 @@ from multiprocessing.queues import SimpleQueue
 import torch
 from torch import Tensor, nn
 
-from pipelines.bench.common import BenchError, ratio_line
+from pipelines.bench.common import BenchError, print_machine, ratio_line
 from resnet_core.models import create_model, is_cifar_model
 from resnet_core.summary import summarize
 
@@ -654,8 +653,7 @@ def run_validation(batches: Sequence[int], *, steps: int, rounds: int) -> list[V
         f"phase, medians",
         flush=True,
     )
-    if hasattr(os, "getloadavg"):
-        print(f"machine: {os.cpu_count()} CPUs, load average {os.getloadavg()[0]:.1f}", flush=True)
+    print_machine()
     start = time.perf_counter()
     results = measure_validation(batches, steps=steps, rounds=rounds)
     print(

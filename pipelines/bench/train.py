@@ -317,11 +317,13 @@ def measure_job(config: JobConfig, *, warmup_steps: int) -> JobMeasurement:
         wall = time.time() - started
         client = MlflowClient(tracking_uri=uri)
         run_id = metrics["mlflow_run_id"]
-        windows = {
-            key: {m.step: m for m in client.get_metric_history(run_id, key)}
-            for key in ("throughput/images_per_s", "throughput/data_wait_share", "time/window_s")
-        }
-    rates, waits, seconds = (windows[k] for k in windows)
+
+        def by_step(key: str) -> dict:
+            return {m.step: m for m in client.get_metric_history(run_id, key)}
+
+        rates = by_step("throughput/images_per_s")
+        waits = by_step("throughput/data_wait_share")
+        seconds = by_step("time/window_s")
     first = min(seconds)
     startup = seconds[first].timestamp / 1000 - seconds[first].value - started
     steady = [step for step in sorted(seconds) if step > warmup_steps]
