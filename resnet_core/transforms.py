@@ -28,6 +28,8 @@ import torch
 from PIL import Image
 from torch import Tensor
 
+from resnet_core import jpeg
+
 # Per-channel statistics of the ImageNet training set, [0, 1] units, RGB order (torchvision).
 IMAGENET_MEAN_RGB = (0.485, 0.456, 0.406)
 IMAGENET_STD_RGB = (0.229, 0.224, 0.225)
@@ -247,6 +249,7 @@ def decode_crop(
     *,
     flip: bool | None = None,
     draft: bool = True,
+    region: bool = True,
 ) -> np.ndarray:
     """Decode an encoded image and return a (size, size, 3) uint8 RGB crop chosen by ``sampler``.
 
@@ -257,17 +260,37 @@ def decode_crop(
     approximation through DCT scaling, typically a few uint8 levels from the exact result and much
     faster on large photos; ``draft=False`` gives the exact full decode. The box is finally
     resampled once with PIL's antialiased bilinear filter.
+
+    ``region=True`` decodes only the part of a JPEG the resample reads (:mod:`resnet_core.jpeg`,
+    libjpeg-turbo partial decoding), with the same pixels as the full decode; other formats,
+    CMYK and corrupt files go through Pillow, as does everything when the extension is not built.
     EXIF orientation is ignored, as in torchvision's ImageFolder loaders.
     """
     size = sampler.size
-    with Image.open(io.BytesIO(data)) as img:
-        box, flip = sample_crop(sampler, rng, *img.size, flip=flip)
-        if draft:
-            box = draft_for_box(img, box, (size, size))
-        out = _to_rgb(img).resize((size, size), Image.Resampling.BILINEAR, box=box)
+    jpeg_size = jpeg.jpeg_size(data) if region else None
+    if jpeg_size is not None:
+        box, flip = sample_crop(sampler, rng, *jpeg_size, flip=flip)
+        pixels = jpeg.decode_crop(data, *jpeg_size, box, size, flip=flip, draft=draft)
+        if pixels is not None:
+            return pixels
+        out = _pil_crop(data, box, size, draft=draft)  # libjpeg warned: let Pillow judge it
+    else:
+        with Image.open(io.BytesIO(data)) as img:
+            box, flip = sample_crop(sampler, rng, *img.size, flip=flip)
+            out = _pil_crop(img, box, size, draft=draft)
     if flip:
         out = out.transpose(Image.Transpose.FLIP_LEFT_RIGHT)
     return np.array(out)  # writable copy; np.asarray of a PIL image is read-only
+
+
+def _pil_crop(source: bytes | Image.Image, box: Box, size: int, *, draft: bool) -> Image.Image:
+    """``box`` of an image (encoded bytes, or opened and not yet loaded) resampled to ``size``."""
+    if not isinstance(source, Image.Image):
+        with Image.open(io.BytesIO(source)) as img:
+            return _pil_crop(img, box, size, draft=draft)
+    if draft:
+        box = draft_for_box(source, box, (size, size))
+    return _to_rgb(source).resize((size, size), Image.Resampling.BILINEAR, box=box)
 
 
 def decode_jpeg_crops(
