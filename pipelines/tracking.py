@@ -30,6 +30,8 @@ from mlflow.entities import Metric, Param, Run, RunTag
 from mlflow.tracking import MlflowClient
 from ray.train import Checkpoint, UserCallback
 
+from resnet_core import jpeg
+
 RUN_NAME_TAG = "resnet_ray.run_name"
 FINAL_MODEL_TAG = "resnet_ray.final_model"  # the logged model's URI, set once it is logged
 EMBEDDED_DB = "mlflow.db"
@@ -154,7 +156,8 @@ def set_tags(client: MlflowClient, run_id: str, tags: Mapping[str, str]) -> None
 
 
 def environment_tags(workdir: str | Path | None = None) -> dict[str, str]:
-    """Git commit and library versions: what a reader of the run needs to reproduce it.
+    """Git commit, library versions and the JPEG decoder in use (region decoding, or Pillow and
+    why): what a reader of the run needs to reproduce it and its speed.
 
     The commit is ``RESNET_RAY_GIT_COMMIT`` (set it where the code is not a git checkout, e.g. a
     ``ray job submit`` working directory), else ``git rev-parse HEAD`` in ``workdir`` (default:
@@ -172,6 +175,7 @@ def environment_tags(workdir: str | Path | None = None) -> dict[str, str]:
         "ray": ray.__version__,
         "mlflow": mlflow.__version__,
         "pyarrow": pyarrow.__version__,
+        "jpeg_decoder": jpeg.status(),
     }
     commit = os.environ.get("RESNET_RAY_GIT_COMMIT") or _git_commit(workdir)
     if commit:

@@ -46,11 +46,14 @@ def test_bench_data_prints_every_ratio(tmp_path):
     assert run.returncode == 0, run.stderr[-3000:]
     out = run.stdout
     assert "6 images from" in out
+    assert "JPEG decoder: libjpeg-turbo region decoding (" in out
     for name in (
         "ours_paper",
         "ours_inception",
         "full_decode",
         "ours_paper_320",
+        "pillow_paper",
+        "pillow_paper_320",
         "ray_paper_per_cpu",
         "ray_paper_320_per_cpu",
     ):
@@ -78,6 +81,8 @@ def test_per_core_measurement_counts_every_pipeline(tmp_path):
         "ours_inception",
         "full_decode",
         "ours_paper_320",
+        "pillow_paper",
+        "pillow_paper_320",
     }
     assert all(rate > 0 for rate in rates.values())
     out = pipelines["ours_paper"](0)

@@ -499,6 +499,7 @@ def test_demo_recipe_learns_on_a_local_ray(tmp_path, learn_data):
     assert tags["ray"]
     assert tags["torch"]
     assert tags["mlflow"]
+    assert tags["jpeg_decoder"].startswith("libjpeg-turbo region decoding (")
     assert tags["cluster.workers"] == "2"
     assert tags["cluster.nodes"] == "1"
     assert re.fullmatch(r"[0-9a-f]{40}", tags["mlflow.source.git.commit"])
