@@ -14,6 +14,7 @@ import torch
 import torchvision
 from torch import Tensor, nn
 
+from resnet_core import jpeg
 from resnet_core.models import create_model
 from resnet_core.paper import PAPER
 
@@ -198,6 +199,7 @@ def main() -> int:
         "torchvision resnet18 weights -> ours (stride_in_3x3=True), eval, random input: "
         f"max abs diff {diff:.2e} ({'ok' if ok else 'FAIL'}, tolerance {INTERCHANGE_TOLERANCE:.0e})"
     )
+    print(f"JPEG decoder: {jpeg.status()}")
     print()
     for failure in failures:
         print(f"FAIL {failure}")

@@ -119,4 +119,5 @@ def test_selfcheck_main_prints_tables_and_returns_0(capsys):
     assert "Table 6" in out
     assert "torchvision resnet18 weights -> ours" in out
     assert "(ok, tolerance 1e-05)" in out
+    assert "JPEG decoder: libjpeg-turbo region decoding (" in out
     assert "all checks passed" in out
