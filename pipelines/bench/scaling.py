@@ -51,9 +51,9 @@ ANCHOR_BATCH = 256
 # efficiency from 8 to 256 GPUs; ResNet-50, 32 images per GPU (8k minibatch), Caffe2 on Big Basin
 # servers (8 P100 on NVLink each), 50 Gbit/s Ethernet between the 32 servers.
 GOYAL_EFFICIENCY_8_TO_256 = 0.90
-# `resnet-bench data` on these machines (BENCHMARKS.md): ours_paper, 327 img/s per vCPU
-# (645 on max-side-320 shards).
-DECODE_IMAGES_PER_S_PER_VCPU = 327.0
+# `resnet-bench data` on these machines (BENCHMARKS.md): ours_paper with region decoding, 543
+# img/s per vCPU (1,097 on max-side-320 shards).
+DECODE_IMAGES_PER_S_PER_VCPU = 543.0
 # Mean encoded ImageNet JPEG: 110 KB on our 200-image sample (ILSVRC2012 train: 138 GB / 1.28M);
 # 36 KB once resnet-prepare re-encodes them to max side 320.
 IMAGE_KB = 110.0
