@@ -11,6 +11,7 @@ import ctypes.util
 import io
 import subprocess
 import sys
+import tracemalloc
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -222,3 +223,40 @@ def test_without_the_extension_everything_decodes_through_pillow():
     ).stdout.splitlines()
     assert out[0] == "False True None"
     assert out[1].startswith("Pillow (the _resnet_jpeg extension is not built:")
+
+
+def test_fatal_decoding_errors_free_everything_they_allocated():
+    import _resnet_jpeg
+
+    # Damaged copies of a baseline and a progressive JPEG (whose scans all decode while
+    # starting): about one in ten fails fatally, in the header tables or in the scans; most of
+    # the rest only make libjpeg warn (None: Pillow decides) or still decode.
+    rng = np.random.default_rng(0)
+    broken = []
+    for kind in ("420", "progressive"):
+        for _ in range(150):
+            damaged = bytearray(JPEGS[kind])
+            for i in rng.integers(2, len(damaged), size=8):
+                damaged[i] = int(rng.integers(0, 256))
+            broken.append(bytes(damaged))
+    args = ((0, 0, 300, 300), (10.0, 10.0, 290.0, 290.0), (224, 224), False)
+
+    def decode_all() -> int:
+        failures = 0
+        for data in broken:
+            try:
+                _resnet_jpeg.decode_crop(data, 1, *args)
+            except ValueError:
+                failures += 1
+        return failures
+
+    assert decode_all() > 20
+    tracemalloc.start()
+    try:
+        before = tracemalloc.get_traced_memory()[0]
+        for _ in range(3):
+            decode_all()
+        grown = tracemalloc.get_traced_memory()[0] - before
+    finally:
+        tracemalloc.stop()
+    assert grown < 1_000_000  # one leaked 224x224 output per failure would be ~60 MB

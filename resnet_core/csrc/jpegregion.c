@@ -342,6 +342,7 @@ static PyObject *decode_crop(PyObject *self, PyObject *args) {
     struct jpeg_decompress_struct cinfo;
     error_mgr err;
     /* volatile: assigned between setjmp and a possible longjmp */
+    PyObject *volatile result = NULL;
     unsigned char *volatile pixels = NULL;
     JSAMPROW *volatile rows = NULL;
     PyThreadState *volatile released = NULL; /* non-NULL while the GIL is released */
@@ -350,6 +351,7 @@ static PyObject *decode_crop(PyObject *self, PyObject *args) {
         lib.destroy(&cinfo);
         PyMem_RawFree(rows);
         PyMem_RawFree(pixels);
+        Py_XDECREF(result);
         PyBuffer_Release(&data);
         PyErr_Format(PyExc_ValueError, "broken JPEG: %s", err.message);
         return NULL;
@@ -382,7 +384,7 @@ static PyObject *decode_crop(PyObject *self, PyObject *args) {
     if (xoff > 0 || width < cinfo.output_width) lib.crop(&cinfo, &xoff, &width);
     const JDIMENSION height = y1 - y0;
     const size_t stride = (size_t)width * 3;
-    PyObject *result = PyByteArray_FromStringAndSize(NULL, (Py_ssize_t)out_w * out_h * 3);
+    result = PyByteArray_FromStringAndSize(NULL, (Py_ssize_t)out_w * out_h * 3);
     pixels = PyMem_RawMalloc(stride * height);
     rows = PyMem_RawMalloc(sizeof(JSAMPROW) * height);
     if (result == NULL || pixels == NULL || rows == NULL) {
