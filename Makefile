@@ -15,7 +15,7 @@ selfcheck: $(STAMP)
 
 # Two pytest processes, each test file whole on one (its module fixtures start one cluster):
 # much of the suite's time is Ray start-up and job latency, which then overlap. On 2 cores the
-# suite takes ~18.5 instead of ~22 minutes. `make test TEST_WORKERS=0` runs it in one process.
+# suite takes ~19 instead of ~22 minutes. `make test TEST_WORKERS=0` runs it in one process.
 TEST_WORKERS ?= 2
 
 test: $(STAMP)
