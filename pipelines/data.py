@@ -653,7 +653,8 @@ def build_dataset(
     int64, key str, bad bool. ``eval_resize``: shorter side before the centre crop in eval modes
     (default ``image_size * 256 / 224``, the paper's 256 for 224). Each decode task reads
     ``task_rows`` rows (a multiple of ``map_batch_rows``, the rows sharing one random generator;
-    default :func:`default_task_rows`) with ``decode_num_cpus`` CPUs; ``decode_concurrency`` caps concurrent tasks (None: Ray decides).
+    default :func:`default_task_rows`) with ``decode_num_cpus`` CPUs; ``decode_concurrency`` caps
+    concurrent tasks (None: Ray decides).
     ``decode_on_worker``: the tasks only plan the crops; image is then the encoded bytes, with
     box, flip and raw columns (see the module docstring, "Decoding on the Train worker's device").
     """

@@ -38,6 +38,14 @@ SCALE_DENOMS = (8, 4, 2)
 MARGIN = 4
 
 
+def draft_scale(box: tuple[float, float, float, float], out_size: tuple[int, int]) -> int:
+    """The largest of 8, 4, 2 (else 1) by which a JPEG can be DCT-scaled while ``box`` still
+    spans ``out_size`` = (width, height) pixels, so the resample never upsamples because of it."""
+    left, upper, right, lower = box
+    max_scale = min((right - left) / out_size[0], (lower - upper) / out_size[1])
+    return next((s for s in SCALE_DENOMS if s <= max_scale), 1)
+
+
 def _libjpeg_candidates() -> list[str]:
     """The libjpeg-turbo Pillow bundles (Linux wheels: ``pillow.libs``, macOS: ``PIL/.dylibs``),
     then the system's ``libjpeg``."""
@@ -84,7 +92,7 @@ def status() -> str:
 
 
 def jpeg_size(data: bytes) -> tuple[int, int] | None:
-    """(width, height) of a JPEG that :func:`decode_box` can decode; None for anything else
+    """(width, height) of a JPEG that :func:`decode_crop` can decode; None for anything else
     (other formats, CMYK/YCCK, 12-bit, a broken header, no extension): use Pillow for those."""
     decoder = _decoder()[0]
     if decoder is None:
@@ -113,16 +121,14 @@ def decode_crop(
     (``transforms.draft_for_box``).
 
     Returns (size, size, 3) uint8 RGB (writable), or None when libjpeg warned or failed (corrupt
-    data): decode with Pillow then, which judges the file as it always does. Call only for data :func:`jpeg_size` accepted.
+    data): decode with Pillow then, which judges the file as it always does. Call only for data
+    :func:`jpeg_size` accepted.
     """
     decoder = _decoder()[0]
     if decoder is None:
         raise RuntimeError(f"region decoding is unavailable: {status()}")
+    scale = draft_scale(box, (size, size)) if draft else 1
     left, upper, right, lower = box
-    scale = 1
-    if draft:
-        max_scale = min(right - left, lower - upper) / size
-        scale = next((s for s in SCALE_DENOMS if s <= max_scale), 1)
     # libjpeg's 1/scale output has ceil(size / scale) pixels; pixel i covers original pixels
     # [i * scale, (i + 1) * scale), so coordinates map by 1/scale (as Pillow's draft box says).
     scaled_width, scaled_height = -(-width // scale), -(-height // scale)

@@ -196,10 +196,7 @@ def draft_for_box(img: Image.Image, box: Box, out_size: tuple[int, int]) -> Box:
     scaling is its own low-pass filter. For non-JPEG images (``img.draft`` unsupported) or when no
     reduction is possible, nothing changes and ``box`` is returned as is.
     """
-    left, upper, right, lower = box
-    out_width, out_height = out_size
-    max_scale = min((right - left) / out_width, (lower - upper) / out_height)
-    scale = next((s for s in (8, 4, 2) if s <= max_scale), 1)
+    scale = jpeg.draft_scale(box, out_size)
     if scale == 1:
         return box
     width, height = img.size
@@ -212,6 +209,7 @@ def draft_for_box(img: Image.Image, box: Box, out_size: tuple[int, int]) -> Box:
     _, (_, _, drafted_width, drafted_height) = drafted
     fx = drafted_width / width
     fy = drafted_height / height
+    left, upper, right, lower = box
     return (left * fx, upper * fy, right * fx, lower * fy)
 
 
