@@ -1,1 +1,23 @@
-"""Ray- and MLflow-aware commands of resnet-ray: prepare, data, train, tune, evaluate, bench."""
+"""Ray- and MLflow-aware commands of resnet-ray and the job core they share (docs/ARCHITECTURE.md).
+
+Ray's driver prints what its other processes log; two of its own settings (read once, when
+``ray`` is first imported, so they are set here, before any command imports it) keep that to our
+lines: no "(RayTrainWorker pid=...)" prefix on forwarded lines, and three kinds of Ray- and
+torch-internal noise dropped from the console (they stay in Ray's log files): the Train
+placement-group cleaner's "Failed to query Ray Train Controller actor state" (every second while
+the state API is unreachable), core_worker's error about Train's own PreemptionWatcher actor
+(ray-project/ray#53727), and c10d's "hostname of the client socket cannot be retrieved" on hosts
+without reverse DNS. A value the user set wins.
+"""
+
+import os
+
+_CONSOLE_NOISE = "|".join(
+    (
+        r"Failed to query Ray Train Controller actor state",
+        r"Actor with class name: 'PreemptionWatcher' .* has constructor arguments",
+        r"\[c10d\] The hostname of the client socket cannot be retrieved",
+    )
+)
+os.environ.setdefault("RAY_DEDUP_LOGS_SKIP_REGEX", _CONSOLE_NOISE)
+os.environ.setdefault("RAY_DISABLE_WORKER_LOG_PREFIX", "1")

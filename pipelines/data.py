@@ -2,9 +2,9 @@
 
 Used by the training job on every rank, once per epoch::
 
-    batches = iter_batches(manifest, split="train", mode="paper", world_size=8, rank=r,
-                           epoch=e, seed=0, batch_size=32, image_size=224,
-                           local_shuffle_buffer_size=2048, pin_memory=True)
+    options = DecodeOptions(mode="paper", image_size=224, pin_memory=True)
+    batches = iter_batches(manifest, options, split="train", world_size=8, rank=r, epoch=e,
+                           seed=0, batch_size=32)
     for images, labels in batches:          # uint8 (N, H, W, 3) and int64 (N,), on the CPU
         x = to_float_batch(images.to(device, non_blocking=True), mean=...)
     batches.num_bad                          # undecodable images met in this epoch
@@ -96,6 +96,7 @@ from torch import Tensor
 from pipelines import storage
 from pipelines.manifest import Manifest
 from resnet_core.transforms import (
+    AUGMENT_MODES,
     BoxSampler,
     CenterCrop,
     RandomResizedCrop,
@@ -114,6 +115,7 @@ __all__ = [
     "MODES",
     "TRAIN_MODES",
     "Batch",
+    "DecodeOptions",
     "EpochBatches",
     "EpochPlan",
     "ShardRange",
@@ -128,7 +130,7 @@ __all__ = [
 # paper: scale augmentation of §3.4 (shorter side S in [256, 480], random 224 crop, flip).
 # inception: RandomResizedCrop + flip (modern recipes). cifar: §4.2, 4-pixel pad, 32 crop, flip.
 # cifar_tutorial: the popular tutorial recipe's pad-crop-flip plus random rotation (±15°) and zoom.
-TRAIN_MODES = ("paper", "inception", "cifar", "cifar_tutorial")
+TRAIN_MODES = AUGMENT_MODES
 # eval_center: shorter side -> eval_resize, centre image_size crop (§3.4 single-crop numbers).
 # eval_full: the central eval_resize square, uncropped, as input to ten_crop(batch, image_size).
 EVAL_MODES = ("eval_center", "eval_full")
@@ -145,6 +147,89 @@ _DEVICE_PIL_MODES = ("RGB", "L")
 # trailing bytes) is decoded in the task, so PIL judges it as on the CPU path instead of the
 # device decoder, whose handling of truncation need not match.
 _JPEG_END = b"\xff\xd9"
+
+
+@dataclass(frozen=True)
+class DecodeOptions:
+    """How a rank's rows become uint8 batches — one object from the job down to the tasks.
+
+    mode: a training mode (:data:`TRAIN_MODES`: the augmentation) or an evaluation mode
+    (:data:`EVAL_MODES`). image_size: the output side (eval_full: ``eval_resize``).
+    eval_resize: evaluation's shorter side before the centre crop (default ``image_size`` x
+    256 / 224, the paper's 256 for 224).
+    num_cpus: CPUs per decode task; concurrency: concurrent tasks (None: Ray decides).
+    map_batch_rows: rows that share one random generator; task_rows: rows per decode task, a
+    multiple of map_batch_rows (default :func:`default_task_rows`: about 16 MB of output).
+    device: decode on this device in the iterating process (the Train worker's GPU; see the
+    module docstring) instead of in the tasks; None: in the tasks.
+    prefetch_batches, shuffle_buffer (rows of Ray's local shuffle buffer, training only; None:
+    off), pin_memory (pinned host batches for ``.to(cuda, non_blocking=True)``): iteration.
+    """
+
+    mode: str
+    image_size: int
+    eval_resize: int | None = None
+    num_cpus: float = 1.0
+    concurrency: int | None = None
+    map_batch_rows: int = 64
+    task_rows: int | None = None
+    device: torch.device | None = None
+    prefetch_batches: int = 2
+    shuffle_buffer: int | None = None
+    pin_memory: bool = False
+
+    def __post_init__(self) -> None:
+        if self.mode not in MODES:
+            raise ValueError(f"mode {self.mode!r} is unknown: use one of {MODES}")
+        if self.device is not None and self.mode not in DEVICE_DECODE_MODES:
+            raise ValueError(
+                f"mode {self.mode!r} cannot decode on the Train worker's device (its 32x32 PNGs "
+                "have no crop box to plan); decode it in the Ray Data tasks (device None), or "
+                f"use one of {DEVICE_DECODE_MODES}"
+            )
+        if self.shuffle_buffer is not None and not self.train:
+            raise ValueError("shuffle_buffer is for training; pass None to evaluate")
+        if self.image_size < 1:
+            raise ValueError(f"image_size {self.image_size} must be positive")
+        # Resolved defaults (the dataclass is frozen: set through object.__setattr__).
+        eval_resize = self.eval_resize or round(self.image_size * 256 / 224)
+        if eval_resize < self.image_size:
+            raise ValueError(f"eval_resize {eval_resize} must be >= image_size {self.image_size}")
+        object.__setattr__(self, "eval_resize", eval_resize)
+        if self.device is not None:
+            object.__setattr__(self, "device", torch.device(self.device))
+        task_rows = self.task_rows
+        if task_rows is None and self.map_batch_rows >= 1:
+            task_rows = default_task_rows(self.crop_size, self.map_batch_rows)
+        if (
+            self.map_batch_rows < 1
+            or task_rows is None
+            or task_rows < 1
+            or (task_rows % self.map_batch_rows)
+        ):
+            raise ValueError(
+                f"task_rows {task_rows} must be a positive multiple of map_batch_rows "
+                f"{self.map_batch_rows}"
+            )
+        object.__setattr__(self, "task_rows", task_rows)
+
+    @property
+    def train(self) -> bool:
+        return self.mode in TRAIN_MODES
+
+    @property
+    def crop_size(self) -> int:
+        """The side of the images that come out."""
+        return self.eval_resize if self.mode == "eval_full" else self.image_size
+
+    def check_plan(self, plan: EpochPlan) -> None:
+        """A training mode needs a training plan, an evaluation mode an evaluation plan."""
+        if self.train != plan.train:
+            kind = "a training" if plan.train else "an evaluation"
+            raise ValueError(
+                f"mode {self.mode!r} does not fit {kind} plan: use one of "
+                f"{TRAIN_MODES if plan.train else EVAL_MODES}"
+            )
 
 
 @dataclass(frozen=True)
@@ -341,21 +426,18 @@ def read_plan_rows(plan: EpochPlan, chunk_rows: int) -> Iterator[pa.Table]:
 # ---------------------------------------------------------------------------------------------
 
 
-def _sampler(mode: str, image_size: int, eval_resize: int) -> BoxSampler | None:
-    """The crop of ``mode``; None for the CIFAR modes (fixed-size images, pad-and-crop instead)."""
+def _sampler(options: DecodeOptions) -> BoxSampler | None:
+    """The crop of the mode; None for the CIFAR modes (fixed-size images, pad-and-crop instead)."""
+    size, mode = options.image_size, options.mode
     if mode == "paper":
         # §3.4 samples S in [256, 480] for 224 crops; other crop sizes keep those proportions.
         return ScaleAugment(
-            min_size=round(image_size * 256 / 224),
-            max_size=round(image_size * 480 / 224),
-            size=image_size,
+            min_size=round(size * 256 / 224), max_size=round(size * 480 / 224), size=size
         )
     if mode == "inception":
-        return RandomResizedCrop(size=image_size)
-    if mode == "eval_center":
-        return CenterCrop(resize=eval_resize, size=image_size)
-    if mode == "eval_full":
-        return CenterCrop(resize=eval_resize, size=eval_resize)
+        return RandomResizedCrop(size=size)
+    if mode in EVAL_MODES:
+        return CenterCrop(resize=options.eval_resize, size=options.crop_size)
     return None
 
 
@@ -459,75 +541,68 @@ def _plan_rows(
 
 
 def _decode_chunk(
-    chunk: dict[str, np.ndarray],
-    *,
-    mode: str,
-    image_size: int,
-    eval_resize: int,
-    seed: int,
-    epoch: int,
-    map_batch_rows: int,
-    on_worker: bool = False,
+    chunk: dict[str, np.ndarray], *, options: DecodeOptions, seed: int, epoch: int
 ) -> Iterator[dict[str, np.ndarray]]:
     """Ray Data task: one chunk ``{"uri", "start", "stop"}`` -> decoded map batches.
 
     Output columns: image uint8 (N, S, S, 3), label int64, key str, bad bool (a replaced copy in
-    training, a row to drop in evaluation). ``on_worker`` (device decode): image is bytes (see
-    :func:`_plan_rows`), plus box float64 (N, 4), flip bool and raw bool; bad rows stay as they
-    are, for the worker to replace or drop.
+    training, a row to drop in evaluation). Device decode (``options.device``): image is bytes
+    (see :func:`_plan_rows`), plus box float64 (N, 4), flip bool and raw bool; bad rows stay as
+    they are, for the worker to replace or drop.
     """
     uri, start, stop = str(chunk["uri"][0]), int(chunk["start"][0]), int(chunk["stop"][0])
     table = _read_rows(uri, start, stop)
-    sampler = _sampler(mode, image_size, eval_resize)
-    train = mode in TRAIN_MODES
-    if train:  # a fresh order of the task's rows every epoch ("Shuffling" above)
+    if options.train:  # a fresh order of the task's rows every epoch ("Shuffling" above)
         table = table.take(_task_order(uri, start, stop, seed=seed, epoch=epoch))
+    sampler = _sampler(options)
     # Map batches: fixed slices of the (permuted) task, map_batch_rows each and cut at the
     # multiples of map_batch_rows from the shard start, so their random draws depend on the
     # plan, not on which node decodes them.
-    for lo, hi in _aligned_pieces(start, stop, map_batch_rows):
+    for lo, hi in _aligned_pieces(start, stop, options.map_batch_rows):
         rows = table.slice(lo - start, hi - lo)
         keys = rows.column("key").to_pylist()
-        labels = rows.column("label").to_numpy().astype(np.int64)
         rng = np.random.default_rng([seed, epoch, zlib.crc32("\0".join(keys).encode())])
-        crops: dict[str, np.ndarray] = {}  # the device path's per-row crop columns
-        if on_worker:
-            images, crops, bad, error = _plan_rows(
-                rows.column("image").to_pylist(), mode=mode, sampler=sampler, rng=rng
+        where = f"rows {lo}..{hi - 1} of {storage.redact(uri)}"
+        yield _decode_map_batch(rows, keys, options, sampler, rng, where)
+
+
+def _decode_map_batch(
+    rows: pa.Table,
+    keys: list[str],
+    options: DecodeOptions,
+    sampler: BoxSampler | None,
+    rng: np.random.Generator,
+    where: str,
+) -> dict[str, np.ndarray]:
+    """One map batch of a decode task (see :func:`_decode_chunk`); ``where`` names its rows."""
+    mode, datas = options.mode, rows.column("image").to_pylist()
+    labels = rows.column("label").to_numpy().astype(np.int64)
+    crops: dict[str, np.ndarray] = {}  # the device path's per-row crop columns
+    if options.device is not None:
+        images, crops, bad, error = _plan_rows(datas, mode=mode, sampler=sampler, rng=rng)
+    else:
+        images, bad, error = _decode_rows(
+            datas, mode=mode, sampler=sampler, image_size=options.image_size, rng=rng
+        )
+    keys_out = np.asarray(keys, dtype=object)
+    # The device path replaces bad rows on the worker, where decode failures show up too.
+    if options.train and bad.any() and options.device is None:
+        good = np.flatnonzero(~bad)
+        if len(good) == 0:
+            raise ValueError(
+                f"all {len(keys)} images in {where} failed to decode ({error}): check mode "
+                f"{mode!r} / image_size {options.image_size} against the dataset, or re-run "
+                "resnet-prepare, which audits every image"
             )
-        else:
-            images, bad, error = _decode_rows(
-                rows.column("image").to_pylist(),
-                mode=mode,
-                sampler=sampler,
-                image_size=image_size,
-                rng=rng,
-            )
-        # The device path replaces bad rows on the worker, where decode failures show up too.
-        if train and bad.any() and not on_worker:
-            good = np.flatnonzero(~bad)
-            if len(good) == 0:
-                raise ValueError(
-                    f"all {hi - lo} images in rows {lo}..{hi - 1} of {storage.redact(uri)} failed "
-                    f"to decode ({error}): check mode {mode!r} / image_size {image_size} against "
-                    "the dataset, or re-run resnet-prepare, which audits every image"
-                )
-            # Copies of good rows of the same batch keep the step count exact.
-            substitutes = good[np.arange(int(bad.sum())) % len(good)]
-            images[bad], labels[bad] = images[substitutes], labels[substitutes]
-            keys = np.asarray(keys, dtype=object)
-            keys[bad] = keys[substitutes]
-        if mode in ("cifar", "cifar_tutorial"):
-            images = pad_crop_flip(images, rng, pad=CIFAR_PAD)
-        if mode == "cifar_tutorial":
-            images = random_affine(images, rng)
-        yield {
-            "image": images,
-            "label": labels,
-            "key": np.asarray(keys, dtype=object),
-            "bad": bad,
-            **crops,
-        }
+        # Copies of good rows of the same batch keep the step count exact.
+        substitutes = good[np.arange(int(bad.sum())) % len(good)]
+        images[bad], labels[bad] = images[substitutes], labels[substitutes]
+        keys_out[bad] = keys_out[substitutes]
+    if mode in ("cifar", "cifar_tutorial"):
+        images = pad_crop_flip(images, rng, pad=CIFAR_PAD)
+    if mode == "cifar_tutorial":
+        images = random_affine(images, rng)
+    return {"image": images, "label": labels, "key": keys_out, "bad": bad, **crops}
 
 
 def _task_order(uri: str, start: int, stop: int, *, seed: int, epoch: int) -> np.ndarray:
@@ -568,100 +643,31 @@ def _chunks(plan: EpochPlan, task_rows: int) -> list[dict[str, Any]]:
     return items
 
 
-def decode_inline(
-    plan: EpochPlan,
-    *,
-    mode: str,
-    image_size: int,
-    eval_resize: int | None = None,
-    map_batch_rows: int = 64,
-    task_rows: int | None = None,
-) -> Iterator[dict[str, np.ndarray]]:
+def decode_inline(plan: EpochPlan, options: DecodeOptions) -> Iterator[dict[str, np.ndarray]]:
     """The plan's decode tasks run one after another in this process, without Ray: the same
-    rows, order, crops and flips as :func:`build_dataset` (map batches of ``map_batch_rows``).
-    For a bare single-process loop to be measured against the Ray pipeline."""
-    eval_resize, task_rows = _check_options(
-        plan, mode, image_size, eval_resize, map_batch_rows, task_rows
-    )
-    for chunk in _chunks(plan, task_rows):
+    rows, order, crops and flips as :func:`build_dataset` (map batches of
+    ``options.map_batch_rows``). For a bare single-process loop measured against the Ray
+    pipeline."""
+    options.check_plan(plan)
+    for chunk in _chunks(plan, options.task_rows):
         yield from _decode_chunk(
             {key: np.asarray([value]) for key, value in chunk.items()},
-            mode=mode,
-            image_size=image_size,
-            eval_resize=eval_resize,
+            options=options,
             seed=plan.seed,
             epoch=plan.epoch,
-            map_batch_rows=map_batch_rows,
         )
 
 
-def _check_options(
-    plan: EpochPlan,
-    mode: str,
-    image_size: int,
-    eval_resize: int | None,
-    map_batch_rows: int,
-    task_rows: int | None,
-    on_worker: bool = False,
-) -> tuple[int, int]:
-    """Validate the decode options for ``plan``; returns ``eval_resize`` and ``task_rows``
-    with their defaults (``task_rows``: :func:`default_task_rows` of the output size)."""
-    if mode not in MODES:
-        raise ValueError(f"mode {mode!r} is unknown: use one of {MODES}")
-    if on_worker and mode not in DEVICE_DECODE_MODES:
-        raise ValueError(
-            f"mode {mode!r} cannot decode on the Train worker's device (its 32x32 PNGs have no "
-            f"crop box to plan); decode it in the Ray Data tasks (decode_device None), or use "
-            f"one of {DEVICE_DECODE_MODES}"
-        )
-    if (mode in TRAIN_MODES) != plan.train:
-        kind = "a training" if plan.train else "an evaluation"
-        raise ValueError(
-            f"mode {mode!r} does not fit {kind} plan: use one of "
-            f"{TRAIN_MODES if plan.train else EVAL_MODES}"
-        )
-    if image_size < 1:
-        raise ValueError(f"image_size {image_size} must be positive")
-    eval_resize = eval_resize or round(image_size * 256 / 224)
-    if eval_resize < image_size:
-        raise ValueError(f"eval_resize {eval_resize} must be >= image_size {image_size}")
-    if task_rows is None and map_batch_rows >= 1:
-        side = eval_resize if mode == "eval_full" else image_size
-        task_rows = default_task_rows(side, map_batch_rows)
-    if map_batch_rows < 1 or task_rows is None or task_rows < 1 or task_rows % map_batch_rows:
-        raise ValueError(
-            f"task_rows {task_rows} must be a positive multiple of map_batch_rows {map_batch_rows}"
-        )
-    return eval_resize, task_rows
-
-
-def build_dataset(
-    plan: EpochPlan,
-    *,
-    mode: str,
-    image_size: int,
-    eval_resize: int | None = None,
-    decode_num_cpus: float = 1.0,
-    decode_concurrency: int | None = None,
-    map_batch_rows: int = 64,
-    task_rows: int | None = None,
-    decode_on_worker: bool = False,
-) -> ray.data.Dataset:
+def build_dataset(plan: EpochPlan, options: DecodeOptions) -> ray.data.Dataset:
     """The rank's epoch as a Ray Dataset of decoded rows, in plan order.
 
-    Columns: image uint8 (image_size, image_size, 3) (eval_full: eval_resize square), label
-    int64, key str, bad bool. ``eval_resize``: shorter side before the centre crop in eval modes
-    (default ``image_size * 256 / 224``, the paper's 256 for 224). Each decode task reads
-    ``task_rows`` rows (a multiple of ``map_batch_rows``, the rows sharing one random generator;
-    default :func:`default_task_rows`) with ``decode_num_cpus`` CPUs; ``decode_concurrency`` caps
-    concurrent tasks (None: Ray decides).
-    ``decode_on_worker``: the tasks only plan the crops; image is then the encoded bytes, with
-    box, flip and raw columns (see the module docstring, "Decoding on the Train worker's device").
+    Columns: image uint8 (``options.crop_size`` square), label int64, key str, bad bool. Each
+    decode task reads ``options.task_rows`` rows with ``options.num_cpus`` CPUs. With
+    ``options.device`` the tasks only plan the crops: image is then the encoded bytes, with box,
+    flip and raw columns (see the module docstring, "Decoding on the Train worker's device").
     """
-    eval_resize, task_rows = _check_options(
-        plan, mode, image_size, eval_resize, map_batch_rows, task_rows, decode_on_worker
-    )
-    chunks = _chunks(plan, task_rows)
+    options.check_plan(plan)
+    chunks = _chunks(plan, options.task_rows)
     if not chunks:
         raise ValueError(f"rank {plan.rank} reads no rows of split {plan.split!r} in this plan")
     ds = ray.data.from_items(chunks, override_num_blocks=len(chunks))
@@ -673,17 +679,9 @@ def build_dataset(
         _decode_chunk,
         batch_size=1,
         batch_format="numpy",
-        fn_kwargs={
-            "mode": mode,
-            "image_size": image_size,
-            "eval_resize": eval_resize,
-            "seed": plan.seed,
-            "epoch": plan.epoch,
-            "map_batch_rows": map_batch_rows,
-            "on_worker": decode_on_worker,
-        },
-        num_cpus=decode_num_cpus,
-        concurrency=decode_concurrency,
+        fn_kwargs={"options": options, "seed": plan.seed, "epoch": plan.epoch},
+        num_cpus=options.num_cpus,
+        concurrency=options.concurrency,
     )
 
 
@@ -850,51 +848,16 @@ class EpochBatches:
     row of the rank's range once (minus dropped bad rows), the last batch possibly smaller.
     """
 
-    def __init__(
-        self,
-        plan: EpochPlan,
-        *,
-        mode: str,
-        image_size: int,
-        eval_resize: int | None = None,
-        skip_batches: int = 0,
-        prefetch_batches: int = 2,
-        local_shuffle_buffer_size: int | None = None,
-        pin_memory: bool = False,
-        decode_num_cpus: float = 1.0,
-        decode_concurrency: int | None = None,
-        map_batch_rows: int = 64,
-        task_rows: int | None = None,
-        decode_device: torch.device | str | None = None,
-    ) -> None:
+    def __init__(self, plan: EpochPlan, options: DecodeOptions, *, skip_batches: int = 0) -> None:
         if not 0 <= skip_batches <= plan.steps:
             raise ValueError(
                 f"skip_batches {skip_batches} is outside 0..{plan.steps} (the epoch's batches)"
             )
-        if local_shuffle_buffer_size is not None and not plan.train:
-            raise ValueError("local_shuffle_buffer_size is for training; pass None to evaluate")
-        on_worker = decode_device is not None
-        eval_resize, task_rows = _check_options(
-            plan, mode, image_size, eval_resize, map_batch_rows, task_rows, on_worker
-        )
+        options.check_plan(plan)
         self.plan = plan
+        self.options = options
         self.skip_batches = skip_batches
         self.num_bad = 0
-        self._prefetch_batches = prefetch_batches
-        self._shuffle_buffer = local_shuffle_buffer_size
-        self._pin_memory = pin_memory
-        self._decode_device = torch.device(decode_device) if on_worker else None
-        self._crop_size = eval_resize if mode == "eval_full" else image_size
-        self._dataset_options = {
-            "mode": mode,
-            "image_size": image_size,
-            "eval_resize": eval_resize,
-            "decode_num_cpus": decode_num_cpus,
-            "decode_concurrency": decode_concurrency,
-            "map_batch_rows": map_batch_rows,
-            "task_rows": task_rows,
-            "decode_on_worker": on_worker,
-        }
 
     def __len__(self) -> int:
         """Batches still to come out of a fresh iteration."""
@@ -906,38 +869,32 @@ class EpochBatches:
 
     def batches(self) -> Iterator[Batch]:
         """The epoch's :class:`Batch` es (with keys and bad-row counts), after the skipped ones."""
-        plan = self.plan
+        plan, options = self.plan, self.options
         if plan.steps == 0 or plan.num_rows == 0:
             return
-        ds = build_dataset(plan, **self._dataset_options)
         shuffle_seed = None
-        if self._shuffle_buffer is not None:
+        if options.shuffle_buffer is not None:
             state = np.random.SeedSequence([plan.seed, plan.epoch, plan.rank]).generate_state(1)
             shuffle_seed = int(state[0])
-        if self._decode_device is None:
-            collate = _ToBatch(drop_bad=not plan.train, pin_memory=self._pin_memory)
+        if options.device is None:
+            collate = _ToBatch(drop_bad=not plan.train, pin_memory=options.pin_memory)
         else:
-            collate = _ToEncoded(pin_memory=self._pin_memory)
-        stream = ds.iter_torch_batches(
+            collate = _ToEncoded(pin_memory=options.pin_memory)
+        stream = build_dataset(plan, options).iter_torch_batches(
             batch_size=plan.batch_size,
             collate_fn=collate,
             device="cpu",  # the caller moves batches to its device (non_blocking when pinned)
             drop_last=plan.train,
-            local_shuffle_buffer_size=self._shuffle_buffer,
+            local_shuffle_buffer_size=options.shuffle_buffer,
             local_shuffle_seed=shuffle_seed,
-            prefetch_batches=self._prefetch_batches,
+            prefetch_batches=options.prefetch_batches,
         )
         batches = self._planned(stream)
-        if self._decode_device is not None:  # skipped batches are never decoded
-            batches = _decode_ahead(
-                batches,
-                functools.partial(
-                    _decode_on_worker,
-                    size=self._crop_size,
-                    device=self._decode_device,
-                    train=plan.train,
-                ),
+        if options.device is not None:  # skipped batches are never decoded
+            decode = functools.partial(
+                _decode_on_worker, size=options.crop_size, device=options.device, train=plan.train
             )
+            batches = _decode_ahead(batches, decode)
         for batch in batches:
             self.num_bad += batch.num_bad
             yield batch
@@ -962,44 +919,29 @@ class EpochBatches:
 
 def iter_batches(
     manifest: Manifest,
+    options: DecodeOptions,
     *,
     split: str,
-    mode: str,
     world_size: int,
     rank: int,
     epoch: int,
     seed: int,
     batch_size: int,
-    image_size: int,
-    eval_resize: int | None = None,
     skip_batches: int = 0,
     max_batches: int | None = None,
-    prefetch_batches: int = 2,
-    local_shuffle_buffer_size: int | None = None,
-    pin_memory: bool = False,
-    decode_num_cpus: float = 1.0,
-    decode_concurrency: int | None = None,
-    map_batch_rows: int = 64,
-    task_rows: int | None = None,
-    decode_device: torch.device | str | None = None,
 ) -> EpochBatches:
-    """One rank's epoch of ``split`` as ``(uint8 images, int64 labels)`` CPU batches.
+    """One rank's epoch of ``split`` as ``(uint8 images, int64 labels)`` batches.
 
-    ``mode``: a training mode (:data:`TRAIN_MODES`) plans a training epoch, an evaluation mode
-    (:data:`EVAL_MODES`) an exactly-once pass (``epoch`` is then irrelevant). ``max_batches``
-    ends the epoch early (e.g. at the job's last step); ``skip_batches`` resumes mid-epoch
-    (batches ``skip_batches .. max_batches - 1`` come out). ``pin_memory``: pinned host tensors
-    for fast ``.to(cuda, non_blocking=True)``. ``decode_device`` (e.g. the worker's GPU): the
-    decode tasks only plan the crops and this process decodes each batch there, so the images
-    arrive on that device (see the module docstring); None: decode in the tasks. Other
-    arguments: :func:`build_dataset`.
+    A training mode (``options.mode`` in :data:`TRAIN_MODES`) plans a training epoch, an
+    evaluation mode an exactly-once pass (``epoch`` is then irrelevant). ``max_batches`` ends
+    the epoch early (e.g. at the job's last step); ``skip_batches`` resumes mid-epoch (batches
+    ``skip_batches .. max_batches - 1`` come out). Images are on the CPU, or on
+    ``options.device`` when the worker decodes (see the module docstring).
     """
-    if mode not in MODES:
-        raise ValueError(f"mode {mode!r} is unknown: use one of {MODES}")
     plan = plan_epoch(
         manifest,
         split,
-        train=mode in TRAIN_MODES,
+        train=options.train,
         world_size=world_size,
         rank=rank,
         epoch=epoch,
@@ -1007,18 +949,4 @@ def iter_batches(
         batch_size=batch_size,
         max_batches=max_batches,
     )
-    return EpochBatches(
-        plan,
-        mode=mode,
-        image_size=image_size,
-        eval_resize=eval_resize,
-        skip_batches=skip_batches,
-        prefetch_batches=prefetch_batches,
-        local_shuffle_buffer_size=local_shuffle_buffer_size,
-        pin_memory=pin_memory,
-        decode_num_cpus=decode_num_cpus,
-        decode_concurrency=decode_concurrency,
-        map_batch_rows=map_batch_rows,
-        task_rows=task_rows,
-        decode_device=decode_device,
-    )
+    return EpochBatches(plan, options, skip_batches=skip_batches)

@@ -28,6 +28,8 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
+from pipelines.synthetic import SHAPES, TEXTURES, SyntheticSpec, class_id, class_style, render_image
+
 # torchvision.datasets.folder.IMG_EXTENSIONS; matched case-insensitively.
 IMG_EXTENSIONS = (".jpg", ".jpeg", ".png", ".ppm", ".bmp", ".pgm", ".tif", ".tiff", ".webp")
 
@@ -102,9 +104,6 @@ def read_item(item: SourceItem) -> bytes:
         Image.fromarray(pixels.reshape(3, 32, 32).transpose(1, 2, 0)).save(buffer, format="PNG")
         return buffer.getvalue()
     if kind == "synthetic":
-        # Imported here: pipelines.synthetic imports this module for SourceItem/SourceListing.
-        from pipelines.synthetic import render_image
-
         _, image_kind, seed, split, label, index = item.locator
         return render_image(image_kind, seed, split, label, index)
     raise ValueError(
@@ -569,3 +568,33 @@ def list_cifar10(src: Path, *, val_size: int = 0, seed: int = 0) -> SourceListin
             "test": test,
         }
     return SourceListing("cifar10", classes, list(classes), splits)
+
+
+# ---------------------------------------------------------------------------------------------
+# Generated images (pipelines.synthetic)
+# ---------------------------------------------------------------------------------------------
+
+
+def list_synthetic(spec: SyntheticSpec) -> SourceListing:
+    """List a generated dataset (pipelines.synthetic); each item's locator regenerates its image in `read_item`.
+
+    Keys are "<split>/<class id>/<index>.jpg", e.g. "train/disc-flat-p0/00042.jpg".
+    """
+    classes = [class_id(label) for label in range(spec.num_classes)]
+    splits = {}
+    for split, per_class in (("train", spec.train_per_class), ("val", spec.val_per_class)):
+        if per_class:
+            splits[split] = [
+                SourceItem(
+                    key=f"{split}/{classes[label]}/{index:05d}.jpg",
+                    label=label,
+                    locator=("synthetic", spec.image_kind, spec.seed, split, label, index),
+                )
+                for label in range(spec.num_classes)
+                for index in range(per_class)
+            ]
+    class_names = []
+    for label in range(spec.num_classes):
+        shape, texture, palette = class_style(label)
+        class_names.append(f"{SHAPES[shape]}, {TEXTURES[texture][0]}, palette {palette}")
+    return SourceListing("synthetic", classes, class_names, splits)

@@ -8,7 +8,8 @@ stored as a JPEG. Palettes share hues and backgrounds take any hue, so colour al
 the class only weakly: a nearest-class-mean-colour classifier scores well below a small CNN.
 
 Everything about a sample follows from (seed, split, class, index), so `read_item` regenerates
-the exact bytes on any worker. Sizes: image_kind="cifar" is 32x32; "imagenet" has its longer
+the exact bytes on any worker
+(`pipelines.sources.list_synthetic` lists a dataset). Sizes: image_kind="cifar" is 32x32; "imagenet" has its longer
 side uniform in 160-400 px and an aspect ratio between 3:4 and 4:3. Default: 10 classes,
 1000 training and 200 validation images per class. One CPU core renders and JPEG-encodes a
 32x32 image in about 1 ms and an ImageNet-like one in about 15 ms.
@@ -28,8 +29,6 @@ from dataclasses import dataclass
 
 import numpy as np
 from PIL import Image
-
-from pipelines.sources import SourceItem, SourceListing
 
 SHAPES = (
     "disc",
@@ -102,31 +101,6 @@ def class_style(label: int) -> tuple[int, int, int]:
 def class_id(label: int) -> str:
     shape, texture, palette = class_style(label)
     return f"{SHAPES[shape]}-{TEXTURES[texture][0]}-p{palette}"
-
-
-def synthetic_listing(spec: SyntheticSpec) -> SourceListing:
-    """List a synthetic dataset; each item's locator regenerates its image in `read_item`.
-
-    Keys are "<split>/<class id>/<index>.jpg", e.g. "train/disc-flat-p0/00042.jpg".
-    """
-    classes = [class_id(label) for label in range(spec.num_classes)]
-    splits = {}
-    for split, per_class in (("train", spec.train_per_class), ("val", spec.val_per_class)):
-        if per_class:
-            splits[split] = [
-                SourceItem(
-                    key=f"{split}/{classes[label]}/{index:05d}.jpg",
-                    label=label,
-                    locator=("synthetic", spec.image_kind, spec.seed, split, label, index),
-                )
-                for label in range(spec.num_classes)
-                for index in range(per_class)
-            ]
-    class_names = []
-    for label in range(spec.num_classes):
-        shape, texture, palette = class_style(label)
-        class_names.append(f"{SHAPES[shape]}, {TEXTURES[texture][0]}, palette {palette}")
-    return SourceListing("synthetic", classes, class_names, splits)
 
 
 def _hsv_to_rgb(h: float, s: float, v: float) -> np.ndarray:

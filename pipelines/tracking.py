@@ -48,9 +48,10 @@ def tracking_uri(workdir: str | Path | None = None) -> str:
 
 
 def quiet_store_logs() -> None:
-    """MLflow announces creating and upgrading its SQLite tables at INFO on stderr, which a
-    command keeps for its own errors; warnings still show."""
-    for name in ("mlflow.store.db.utils", "alembic"):
+    """MLflow announces creating and upgrading its SQLite tables, and checking a logged model's
+    input example, at INFO on stderr, which a command keeps for its own errors; warnings still
+    show."""
+    for name in ("mlflow.store.db.utils", "alembic", "mlflow.pyfunc"):
         logging.getLogger(name).setLevel(logging.WARNING)
 
 

@@ -613,21 +613,32 @@ def restore_rng_state(state: Mapping[str, Any]) -> None:
 # Public API: training state
 # --------------------------------------------------------------------------------------------
 
-_DDP_PREFIX = "module."
+# Wrappers whose state-dict keys carry a prefix: DistributedDataParallel / DataParallel
+# ("module.") and torch.compile's OptimizedModule ("_orig_mod."), in any nesting.
+_WRAPPER_PREFIXES = ("module.", "_orig_mod.")
 
 
-def _bare_model(model: nn.Module) -> nn.Module:
-    """The model inside DistributedDataParallel / DataParallel, whose keys lack "module."."""
-    while isinstance(model, nn.parallel.DistributedDataParallel | nn.DataParallel):
-        model = model.module
-    return model
+def bare_model(model: nn.Module) -> nn.Module:
+    """The model inside DDP / DataParallel and ``torch.compile`` wrappers, whose state-dict keys
+    are the plain ones (``conv1.weight``), so checkpoints load into an unwrapped net."""
+    while True:
+        if isinstance(model, nn.parallel.DistributedDataParallel | nn.DataParallel):
+            model = model.module
+        elif isinstance(getattr(model, "_orig_mod", None), nn.Module):  # torch.compile
+            model = model._orig_mod
+        else:
+            return model
 
 
-def _strip_ddp_prefix(state_dict: Mapping[str, Tensor]) -> dict[str, Tensor]:
-    """Bare-model keys for a state dict saved from a wrapped model ("module.conv1.weight")."""
-    if state_dict and all(key.startswith(_DDP_PREFIX) for key in state_dict):
-        return {key.removeprefix(_DDP_PREFIX): value for key, value in state_dict.items()}
-    return dict(state_dict)
+def _strip_wrapper_prefixes(state_dict: Mapping[str, Tensor]) -> dict[str, Tensor]:
+    """Bare-model keys for a state dict saved from a wrapped model ("module.conv1.weight",
+    "_orig_mod.module.conv1.weight")."""
+    state = dict(state_dict)
+    while state and (
+        prefix := next((p for p in _WRAPPER_PREFIXES if all(k.startswith(p) for k in state)), None)
+    ):
+        state = {key.removeprefix(prefix): value for key, value in state.items()}
+    return state
 
 
 def training_state(
@@ -647,11 +658,11 @@ def training_state(
     epoch: the epoch the next batch belongs to (0-based). step: optimizer steps taken so far.
     batches_in_epoch: batches of `epoch` already trained on (0 at an epoch boundary).
     config: the run's configuration (plain values). extra: anything else the caller restores.
-    The model's keys are the bare model's (no DDP "module." prefix). The RNG states of this
+    The model's keys are the bare model's (see :func:`bare_model`). The RNG states of this
     process are included. Tensors are live references: save before the next optimizer step.
     """
     return {
-        "model": _bare_model(model).state_dict(),
+        "model": bare_model(model).state_dict(),
         "optimizer": None if optimizer is None else optimizer.state_dict(),
         "scheduler": None if scheduler is None else scheduler.state_dict(),
         "scaler": None if scaler is None else scaler.state_dict(),
@@ -673,12 +684,12 @@ def restore_training_state(
 ) -> dict[str, Any]:
     """Loads a `training_state` tree into the given objects and restores the RNG states.
 
-    `model` may be DDP-wrapped or bare; weights saved with a "module." prefix load too. Returns
-    the remaining fields: epoch, step, batches_in_epoch, config, extra.
+    `model` may be wrapped (DDP, torch.compile) or bare; weights saved with the wrappers'
+    prefixes load too. Returns the remaining fields: epoch, step, batches_in_epoch, config, extra.
     """
-    bare = _bare_model(model)
+    bare = bare_model(model)
     try:
-        bare.load_state_dict(_strip_ddp_prefix(state["model"]))
+        bare.load_state_dict(_strip_wrapper_prefixes(state["model"]))
     except RuntimeError as error:
         message = " ".join(str(error).split())
         raise CheckpointError(
@@ -715,9 +726,9 @@ def save_weights(
     """
     path = Path(path)
     if isinstance(model_or_state_dict, nn.Module):
-        state_dict = _bare_model(model_or_state_dict).state_dict()
+        state_dict = bare_model(model_or_state_dict).state_dict()
     else:
-        state_dict = _strip_ddp_prefix(model_or_state_dict)
+        state_dict = _strip_wrapper_prefixes(model_or_state_dict)
     tensors = {}
     for key, value in state_dict.items():
         if not isinstance(value, Tensor):

@@ -14,6 +14,7 @@ Every net is fully convolutional up to the pooling, so any input of at least 32x
 """
 
 import re
+from typing import Literal, get_args
 
 import torch
 import torch.nn.functional as F
@@ -23,7 +24,9 @@ __all__ = [
     "BasicBlock",
     "Bottleneck",
     "CifarResNet",
+    "SHORTCUTS",
     "ResNet",
+    "Shortcut",
     "ZeroPadShortcut",
     "create_model",
     "is_cifar_model",
@@ -335,7 +338,9 @@ _PLAIN_IMAGENET_DEPTHS = (18, 34)
 # §4.2 / Table 6 and Fig. 6: the CIFAR depths the paper trains (plain nets up to 56 layers).
 _CIFAR_RESNET_DEPTHS = (20, 32, 44, 56, 110, 1202)
 _CIFAR_PLAIN_DEPTHS = (20, 32, 44, 56)
-_SHORTCUTS = ("A", "B", "C")
+# §3.3: A zero-padding identity, B projections where dimensions increase, C projections everywhere.
+Shortcut = Literal["A", "B", "C"]
+SHORTCUTS: tuple[str, ...] = get_args(Shortcut)
 _NAME = re.compile(r"(resnet|plain)([1-9][0-9]*)")
 _VALID_FORMS = (
     "resnet18/34/50/101/152 or plain18/34 (ImageNet), resnet{6n+2} or plain{6n+2} with n >= 1 "
@@ -381,7 +386,7 @@ def create_model(
     name: str,
     num_classes: int | None = None,
     *,
-    shortcut: str | None = None,
+    shortcut: Shortcut | None = None,
     stride_in_3x3: bool = False,
     zero_init_residual: bool = False,
 ) -> nn.Module:
@@ -403,7 +408,7 @@ def create_model(
         num_classes = 10 if cifar else 1000
     if isinstance(num_classes, bool) or not isinstance(num_classes, int) or num_classes < 1:
         raise ValueError(f"num_classes must be a positive int, got {num_classes!r}")
-    if shortcut is not None and shortcut not in _SHORTCUTS:
+    if shortcut is not None and shortcut not in SHORTCUTS:
         raise ValueError(f"shortcut must be 'A', 'B' or 'C' (paper §3.3), got {shortcut!r}")
     if not residual and shortcut is not None:
         raise ValueError(

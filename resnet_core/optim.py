@@ -14,13 +14,13 @@ from __future__ import annotations
 
 import math
 from dataclasses import asdict, dataclass, field
-from typing import Literal
+from typing import Literal, get_args
 
 import torch
 from torch import nn
 
 ScheduleKind = Literal["multistep", "cosine", "plateau", "constant"]
-SCHEDULE_KINDS: tuple[str, ...] = ("multistep", "cosine", "plateau", "constant")
+SCHEDULE_KINDS: tuple[str, ...] = get_args(ScheduleKind)
 
 
 def build_sgd(

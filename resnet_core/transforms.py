@@ -21,14 +21,20 @@ import io
 import math
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
-from typing import Protocol
+from typing import Literal, Protocol, get_args
 
 import numpy as np
 import torch
 from PIL import Image
-from torch import Tensor
+from torch import Tensor, nn
 
 from resnet_core import jpeg
+
+# The training augmentations: paper §3.4 scale augmentation ("paper"), Inception-style random
+# resized crops ("inception"), §4.2 pad-crop-flip ("cifar") and the popular CIFAR tutorial's
+# pad-crop-flip plus rotation and zoom ("cifar_tutorial").
+AugmentMode = Literal["paper", "inception", "cifar", "cifar_tutorial"]
+AUGMENT_MODES: tuple[str, ...] = get_args(AugmentMode)
 
 # Per-channel statistics of the ImageNet training set, [0, 1] units, RGB order (torchvision).
 IMAGENET_MEAN_RGB = (0.485, 0.456, 0.406)
@@ -486,10 +492,10 @@ def random_affine(
 
 
 def _as_channel_stats(values: Sequence[float] | np.ndarray | Tensor, like: Tensor) -> Tensor:
-    """(3,) per-channel or (3, H, W) per-pixel statistics as a float32 tensor broadcastable
-    against the NCHW batch ``like``, on its device."""
+    """(3,) or (3, 1, 1) per-channel or (3, H, W) per-pixel statistics as a float32 tensor
+    broadcastable against the NCHW batch ``like``, on its device."""
     stats = torch.as_tensor(values, dtype=torch.float32, device=like.device)
-    if stats.shape == (3,):
+    if stats.shape in ((3,), (3, 1, 1)):
         return stats.view(1, 3, 1, 1)
     if stats.shape == (3, *like.shape[-2:]):
         return stats.unsqueeze(0)
@@ -554,6 +560,53 @@ def to_float_batch(
     if std is not None:
         x.div_(_as_channel_stats(std, x))
     return x
+
+
+class Normalize(nn.Module):
+    """uint8 images -> the model's input: :func:`to_float_batch` as a module, so the training
+    step, evaluation and the served model normalise the same way.
+
+    ``mean``: (3,) per channel or (3, S, S) per pixel (paper §3.4), [0, 1] units; a per-pixel
+    mean is bilinearly resized to inputs of another size (10-crop and multi-scale testing).
+    ``std``: (3,) or None. ``lighting_std``: PCA colour augmentation, in training mode only.
+    ``channels_last``: the output's memory format (GPU training).
+    """
+
+    def __init__(
+        self,
+        mean: Tensor,
+        std: Tensor | None = None,
+        *,
+        lighting_std: float = 0.0,
+        channels_last: bool = False,
+    ) -> None:
+        super().__init__()
+        mean = torch.as_tensor(mean, dtype=torch.float32)
+        self.register_buffer("mean", mean.view(3, 1, 1) if mean.ndim == 1 else mean.clone())
+        std = None if std is None else torch.as_tensor(std, dtype=torch.float32).view(3, 1, 1)
+        self.register_buffer("std", std)
+        self.lighting_std = lighting_std
+        self.channels_last = channels_last
+
+    def _mean_for(self, height: int, width: int) -> Tensor:
+        if self.mean.shape[-2:] in ((1, 1), (height, width)):
+            return self.mean
+        # Not cached: whole images come in as many sizes as a dataset has; this costs far less
+        # than the forward pass it precedes.
+        return nn.functional.interpolate(
+            self.mean[None], size=(height, width), mode="bilinear", align_corners=False
+        )[0]
+
+    def forward(self, images: Tensor) -> Tensor:
+        nhwc = images.shape[-1] == 3 and images.shape[1] != 3
+        height, width = images.shape[1:3] if nhwc else images.shape[2:4]
+        return to_float_batch(
+            images,
+            mean=self._mean_for(height, width),
+            std=self.std,
+            lighting_std=self.lighting_std if self.training else 0.0,
+            channels_last=self.channels_last,
+        )
 
 
 def mean_image(images: Iterable[np.ndarray]) -> np.ndarray:

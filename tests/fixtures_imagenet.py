@@ -280,7 +280,7 @@ def write_shard(
     import pyarrow as pa
     import pyarrow.parquet as pq
 
-    from pipelines.prepare import SHARD_SCHEMA
+    from pipelines.shards import SHARD_SCHEMA
 
     table = pa.table(
         {

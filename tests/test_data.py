@@ -46,8 +46,12 @@ def _shard_keys(uri: str) -> list[str]:
     return pq.read_table(uri, columns=["key"]).column("key").to_pylist()
 
 
+_DECODE_OPTIONS = {f.name for f in dataclasses.fields(data.DecodeOptions)}
+
+
 def _epoch(manifest, **overrides):
-    options = {
+    """One epoch's batches; ``overrides`` set the plan's or the DecodeOptions' values."""
+    values = {
         "split": "train",
         "mode": "paper",
         "world_size": 1,
@@ -58,9 +62,11 @@ def _epoch(manifest, **overrides):
         "image_size": IMAGE_SIZE,
         "map_batch_rows": 4,
         "task_rows": 8,
+        **overrides,
     }
-    options.update(overrides)
-    return list(data.iter_batches(manifest, **options).batches())
+    options = data.DecodeOptions(**{k: v for k, v in values.items() if k in _DECODE_OPTIONS})
+    plan_args = {k: v for k, v in values.items() if k not in _DECODE_OPTIONS}
+    return list(data.iter_batches(manifest, options, **plan_args).batches())
 
 
 def _keys(batches) -> list[str]:
@@ -191,13 +197,13 @@ def test_rows_come_shuffled_within_tasks_with_their_labels(manifest):
 
 
 def test_same_seed_gives_the_same_batches_pixel_for_pixel(manifest):
-    first = _epoch(manifest, local_shuffle_buffer_size=12)
-    second = _epoch(manifest, local_shuffle_buffer_size=12)
+    first = _epoch(manifest, shuffle_buffer=12)
+    second = _epoch(manifest, shuffle_buffer=12)
     assert len(first) == 12
     assert _keys(first) == _keys(second)
     assert all(torch.equal(a.images, b.images) for a, b in zip(first, second, strict=True))
     # The augmentation is random: the same image differs between epochs.
-    other = _epoch(manifest, local_shuffle_buffer_size=12, epoch=1)
+    other = _epoch(manifest, shuffle_buffer=12, epoch=1)
     assert _keys(other) != _keys(first)
     assert sorted(_keys(other)) == sorted(_keys(first))  # 48 rows, batch 4: nothing dropped
     crops = {k: img for b in first for k, img in zip(b.keys, b.images, strict=True)}
@@ -206,7 +212,7 @@ def test_same_seed_gives_the_same_batches_pixel_for_pixel(manifest):
 
 
 def test_skip_batches_yields_exactly_the_tail(manifest):
-    options = {"local_shuffle_buffer_size": 12, "epoch": 1, "world_size": 2, "rank": 0}
+    options = {"shuffle_buffer": 12, "epoch": 1, "world_size": 2, "rank": 0}
     full = _epoch(manifest, **options)
     tail = _epoch(manifest, skip_batches=2, **options)
     assert len(full) == 6
@@ -241,9 +247,9 @@ def test_mode_must_fit_the_plan(manifest):
         manifest, "val", train=False, world_size=1, rank=0, epoch=0, seed=0, batch_size=4
     )
     with pytest.raises(ValueError, match="does not fit an evaluation plan"):
-        data.build_dataset(plan, mode="paper", image_size=IMAGE_SIZE)
-    with pytest.raises(ValueError, match="local_shuffle_buffer_size is for training"):
-        data.EpochBatches(plan, mode="eval_center", image_size=32, local_shuffle_buffer_size=8)
+        data.build_dataset(plan, data.DecodeOptions(mode="paper", image_size=IMAGE_SIZE))
+    with pytest.raises(ValueError, match="shuffle_buffer is for training"):
+        data.DecodeOptions(mode="eval_center", image_size=32, shuffle_buffer=8)
 
 
 def test_undecodable_images_are_counted_not_fatal(ray_local, tmp_path):
@@ -254,7 +260,8 @@ def test_undecodable_images_are_counted_not_fatal(ray_local, tmp_path):
 
     train_plan = data.EpochPlan.create([(uri, 6)], train=True, batch_size=3, **plan_args)
     train = data.EpochBatches(
-        train_plan, mode="paper", image_size=IMAGE_SIZE, map_batch_rows=6, task_rows=6
+        train_plan,
+        data.DecodeOptions(mode="paper", image_size=IMAGE_SIZE, map_batch_rows=6, task_rows=6),
     )
     batches = list(train.batches())
     assert len(batches) == 2
@@ -267,7 +274,9 @@ def test_undecodable_images_are_counted_not_fatal(ray_local, tmp_path):
     assert labels == [int(k[-3:]) for k in keys]
 
     eval_plan = data.EpochPlan.create([(uri, 6)], train=False, batch_size=4, **plan_args)
-    evaluation = data.EpochBatches(eval_plan, mode="eval_center", image_size=IMAGE_SIZE)
+    evaluation = data.EpochBatches(
+        eval_plan, data.DecodeOptions(mode="eval_center", image_size=IMAGE_SIZE)
+    )
     batches = list(evaluation.batches())
     assert _keys(batches) == ["hand/000", "hand/002", "hand/004", "hand/005"]
     assert [b.num_bad for b in batches] == [2, 0]
@@ -280,7 +289,7 @@ def test_a_batch_without_any_good_image_fails_with_the_reason(ray_local, tmp_pat
         [(uri, 4)], split="hand", train=True, world_size=1, rank=0, epoch=0, seed=0, batch_size=2
     )
     with pytest.raises(Exception, match=r"all 4 images in rows 0\.\.3 .* failed to decode"):
-        list(data.EpochBatches(plan, mode="paper", image_size=IMAGE_SIZE))
+        list(data.EpochBatches(plan, data.DecodeOptions(mode="paper", image_size=IMAGE_SIZE)))
 
 
 def test_cifar_mode_pads_crops_and_flips_fixed_size_images(ray_local, tmp_path):
@@ -295,19 +304,24 @@ def test_cifar_mode_pads_crops_and_flips_fixed_size_images(ray_local, tmp_path):
     plan_args = {"split": "hand", "world_size": 1, "rank": 0, "epoch": 0, "seed": 0}
 
     eval_plan = data.EpochPlan.create([(uri, 8)], train=False, batch_size=8, **plan_args)
-    (batch,) = data.EpochBatches(eval_plan, mode="eval_center", image_size=32, eval_resize=32)
+    (batch,) = data.EpochBatches(
+        eval_plan, data.DecodeOptions(mode="eval_center", image_size=32, eval_resize=32)
+    )
     assert np.array_equal(batch[0].numpy(), pixels)  # CIFAR evaluation sees the stored images
 
     train_plan = data.EpochPlan.create([(uri, 8)], train=True, batch_size=8, **plan_args)
-    (images, labels) = next(iter(data.EpochBatches(train_plan, mode="cifar", image_size=32)))
-    (again, _) = next(iter(data.EpochBatches(train_plan, mode="cifar", image_size=32)))
+    cifar = data.DecodeOptions(mode="cifar", image_size=32)
+    (images, labels) = next(iter(data.EpochBatches(train_plan, cifar)))
+    (again, _) = next(iter(data.EpochBatches(train_plan, cifar)))
     assert images.shape == (8, 32, 32, 3)
     assert torch.equal(images, again)
     assert not torch.equal(images, torch.from_numpy(pixels[labels.numpy()]))
 
     # The tutorial recipe's mode adds rotation and zoom on top: same shapes, other pixels.
     (tutorial, tutorial_labels) = next(
-        iter(data.EpochBatches(train_plan, mode="cifar_tutorial", image_size=32))
+        iter(
+            data.EpochBatches(train_plan, data.DecodeOptions(mode="cifar_tutorial", image_size=32))
+        )
     )
     assert tutorial.shape == (8, 32, 32, 3)
     assert torch.equal(tutorial_labels, labels)
@@ -328,15 +342,11 @@ def test_reader_feeds_a_two_worker_torch_trainer(manifest, tmp_path):
         context = ray.train.get_context()
         rank, world = context.get_world_rank(), context.get_world_size()
         dataset = read(config["uri"])
-        common = {"world_size": world, "rank": rank, "seed": 0, "image_size": 32}
-        train = data_lib.iter_batches(
-            dataset, split="train", mode="paper", epoch=0, batch_size=4,
-            local_shuffle_buffer_size=8, decode_num_cpus=0.5, **common,
-        )  # fmt: skip
-        val = data_lib.iter_batches(
-            dataset, split="val", mode="eval_center", epoch=0, batch_size=4,
-            decode_num_cpus=0.5, **common,
-        )  # fmt: skip
+        common = {"world_size": world, "rank": rank, "seed": 0, "epoch": 0, "batch_size": 4}
+        paper = data_lib.DecodeOptions("paper", 32, num_cpus=0.5, shuffle_buffer=8)
+        center = data_lib.DecodeOptions("eval_center", 32, num_cpus=0.5)
+        train = data_lib.iter_batches(dataset, paper, split="train", **common)
+        val = data_lib.iter_batches(dataset, center, split="val", **common)
         result = {
             "train": [k for b in train.batches() for k in b.keys],
             "val": [k for b in val.batches() for k in b.keys],

@@ -58,16 +58,15 @@ def _tensors(datas: list[bytes]) -> list[torch.Tensor]:
 def _chunk(uri: str, rows: int, *, on_worker: bool, mode: str = "paper") -> dict[str, np.ndarray]:
     """One decode task over all ``rows`` of a shard, as one map batch."""
     chunk = {"uri": np.asarray([uri]), "start": np.asarray([0]), "stop": np.asarray([rows])}
-    (out,) = data._decode_chunk(
-        chunk,
+    options = data.DecodeOptions(
         mode=mode,
         image_size=IMAGE_SIZE,
         eval_resize=36,
-        seed=0,
-        epoch=0,
         map_batch_rows=rows,
-        on_worker=on_worker,
+        task_rows=rows,
+        device="cpu" if on_worker else None,
     )
+    (out,) = data._decode_chunk(chunk, options=options, seed=0, epoch=0)
     return out
 
 
@@ -146,7 +145,7 @@ def test_device_tasks_draw_the_cpu_paths_boxes_and_flips(tmp_path):
     keys = [f"hand/{i:03d}" for i in order]
     assert planned["key"].tolist() == keys
     rng = np.random.default_rng([0, 0, zlib.crc32("\0".join(keys).encode())])
-    sampler = data._sampler("paper", IMAGE_SIZE, 36)
+    sampler = data._sampler(data.DecodeOptions("paper", IMAGE_SIZE, eval_resize=36))
     expected = [sample_crop(sampler, rng, *Image.open(io.BytesIO(d)).size) for d in datas]
     np.testing.assert_array_equal(planned["box"], [box for box, _ in expected])
     assert planned["flip"].tolist() == [flip for _, flip in expected]
@@ -222,21 +221,17 @@ def test_a_batch_with_no_decodable_image_fails_training_with_the_fix(tmp_path):
 
 
 def test_cifar_modes_do_not_decode_on_the_device():
-    plan = data.EpochPlan.create(
-        [("mem://s", 8)], split="train", train=True, world_size=1, rank=0, epoch=0, seed=0,
-        batch_size=4,
-    )  # fmt: skip
     with pytest.raises(ValueError, match="mode 'cifar' cannot decode on the Train worker"):
-        data.EpochBatches(plan, mode="cifar", image_size=32, decode_device="cpu")
+        data.DecodeOptions(mode="cifar", image_size=32, device="cpu")
 
 
 def _validate(**data_options) -> None:
-    validate(JobConfig(data=DataConfig(**data_options)), model_names_ok=lambda name: True)
+    validate(JobConfig(data=DataConfig(**data_options)))
 
 
 def test_config_validates_decode_device():
     _validate(decode_device="device", augment="inception", image_size=224, eval_resize=256)
-    with pytest.raises(ConfigError, match=r"data.decode_device='gpu'; use cpu .* or device"):
+    with pytest.raises(ConfigError, match=r"data.decode_device='gpu'; use one of: cpu, device"):
         _validate(decode_device="gpu")
     with pytest.raises(
         ConfigError, match=r"data.augment='cifar' reads 32x32 images whole: use data.decode_device"
@@ -264,25 +259,21 @@ def manifest(ray_local, tmp_path_factory):
     return read_manifest(str(out))
 
 
-def _epoch(manifest, device: str | None, **overrides) -> tuple[list[data.Batch], int]:
-    options = {
-        "split": "train",
-        "mode": "paper",
-        "world_size": 1,
-        "rank": 0,
-        "epoch": 1,
-        "seed": 0,
-        "batch_size": 4,
-        "image_size": IMAGE_SIZE,
-        "map_batch_rows": 4,
-        "task_rows": 8,
-        "local_shuffle_buffer_size": 8,
-        "decode_device": device,
-    }
-    options.update(overrides)
-    if options["mode"] in data.EVAL_MODES:
-        options["local_shuffle_buffer_size"] = None
-    epoch = data.iter_batches(manifest, **options)
+def _epoch(
+    manifest, device: str | None, *, mode: str = "paper", split: str = "train", skip_batches=0
+) -> tuple[list[data.Batch], int]:
+    options = data.DecodeOptions(
+        mode=mode,
+        image_size=IMAGE_SIZE,
+        map_batch_rows=4,
+        task_rows=8,
+        shuffle_buffer=8 if mode in data.TRAIN_MODES else None,
+        device=device,
+    )
+    epoch = data.iter_batches(
+        manifest, options, split=split, world_size=1, rank=0, epoch=1, seed=0, batch_size=4,
+        skip_batches=skip_batches,
+    )  # fmt: skip
     return list(epoch.batches()), epoch.num_bad
 
 
@@ -319,10 +310,10 @@ def test_bad_rows_through_ray_are_counted_not_fatal(ray_local, tmp_path, train):
     mode = "paper" if train else "eval_center"
     counts = []
     for device in (None, "cpu"):
-        epoch = data.EpochBatches(
-            plan, mode=mode, image_size=IMAGE_SIZE, map_batch_rows=6, task_rows=6,
-            decode_device=device,
-        )  # fmt: skip
+        options = data.DecodeOptions(
+            mode=mode, image_size=IMAGE_SIZE, map_batch_rows=6, task_rows=6, device=device
+        )
+        epoch = data.EpochBatches(plan, options)
         sizes = [len(batch.keys) for batch in epoch.batches()]
         assert sizes == ([3, 3] if train else [2, 2])
         counts.append(epoch.num_bad)

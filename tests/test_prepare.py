@@ -13,10 +13,10 @@ import pyarrow.parquet as pq
 import pytest
 from PIL import Image
 
-from pipelines import prepare
+from pipelines import prepare, shards
 from pipelines.manifest import load_mean_image, read_manifest
-from pipelines.sources import SourceItem, list_folder, read_item
-from pipelines.synthetic import SyntheticSpec, synthetic_listing
+from pipelines.sources import SourceItem, list_folder, list_synthetic, read_item
+from pipelines.synthetic import SyntheticSpec
 from tests.fixtures_imagenet import (
     CIFAR_CLASSES,
     WNID_NAMES,
@@ -112,7 +112,7 @@ def _items(n: int, num_classes: int = 4) -> list[SourceItem]:
 
 def test_plan_shards_is_deterministic_balanced_and_mixed():
     splits = {"train": _items(103), "val": _items(10), "empty": []}
-    plan = prepare.plan_shards(splits, shard_rows=25, seed=0, settings={"quality": 95})
+    plan = shards.plan_shards(splits, shard_rows=25, seed=0, settings={"quality": 95})
     train = [s for s in plan if s.split == "train"]
     assert [len(s.items) for s in train] == [20, 21, 20, 21, 21]
     assert [s.path for s in train][:2] == [
@@ -124,33 +124,33 @@ def test_plan_shards_is_deterministic_balanced_and_mixed():
     assert [s.with_stats for s in plan] == [True] * 5 + [False]
     assert not [s for s in plan if s.split == "empty"]
 
-    again = prepare.plan_shards(splits, shard_rows=25, seed=0, settings={"quality": 95})
+    again = shards.plan_shards(splits, shard_rows=25, seed=0, settings={"quality": 95})
     assert again == plan
-    reseeded = prepare.plan_shards(splits, shard_rows=25, seed=1, settings={"quality": 95})
+    reseeded = shards.plan_shards(splits, shard_rows=25, seed=1, settings={"quality": 95})
     assert [s.items for s in reseeded] != [s.items for s in plan]
-    requality = prepare.plan_shards(splits, shard_rows=25, seed=0, settings={"quality": 90})
+    requality = shards.plan_shards(splits, shard_rows=25, seed=0, settings={"quality": 90})
     assert [s.items for s in requality] == [s.items for s in plan]
     assert not {s.fingerprint for s in requality} & {s.fingerprint for s in plan}
 
 
 def test_skip_budget():
-    assert prepare.skip_budget("3", 10**6) == 3
-    assert prepare.skip_budget("0.001", 12_345) == 12
-    assert prepare.skip_budget("0", 10) == 0
+    assert shards.skip_budget("3", 10**6) == 3
+    assert shards.skip_budget("0.001", 12_345) == 12
+    assert shards.skip_budget("0", 10) == 0
     for bad in ("-1", "1.5", "x", "0.5.1"):
-        with pytest.raises(prepare.PrepareError, match="--max-skipped"):
-            prepare.skip_budget(bad, 10)
+        with pytest.raises(shards.PrepareError, match="--max-skipped"):
+            shards.skip_budget(bad, 10)
 
 
 def test_resize_center_crop():
     rgb = np.zeros((40, 80, 3), dtype=np.uint8)
     rgb[:, 20:60] = 200  # the central square survives the crop, the black sides do not
-    crop = prepare.resize_center_crop(rgb, 20)
+    crop = shards.resize_center_crop(rgb, 20)
     assert crop.shape == (20, 20, 3)
     assert (crop[:, 1:-1] == 200).all()
     assert crop.min() > 150  # only the antialiasing filter's edge reaches the black
     same = smooth_image(np.random.default_rng(0), 8, 8)
-    assert prepare.resize_center_crop(same, 8) is same
+    assert shards.resize_center_crop(same, 8) is same
 
 
 # ---------------------------------------------------------------------------------------------
@@ -171,7 +171,7 @@ def test_synthetic_round_trip(ray_local, tmp_path, capsys, monkeypatch):
     manifest = read_manifest("ds")
     assert manifest.root == str(root)
 
-    listing = synthetic_listing(SyntheticSpec(4, 20, 5, "cifar", 0))
+    listing = list_synthetic(SyntheticSpec(4, 20, 5, "cifar", 0))
     assert manifest.dataset == "synthetic"
     assert list(manifest.classes) == listing.classes
     assert list(manifest.class_names) == listing.class_names

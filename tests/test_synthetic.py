@@ -10,7 +10,7 @@ from PIL import Image
 from torch import nn
 from torch.nn import functional as F
 
-from pipelines.sources import read_item
+from pipelines.sources import list_synthetic, read_item
 from pipelines.synthetic import (
     PALETTES,
     SHAPES,
@@ -19,12 +19,11 @@ from pipelines.synthetic import (
     class_style,
     render_array,
     render_image,
-    synthetic_listing,
 )
 
 
 def test_listing_layout():
-    listing = synthetic_listing(SyntheticSpec(num_classes=12, train_per_class=3, val_per_class=2))
+    listing = list_synthetic(SyntheticSpec(num_classes=12, train_per_class=3, val_per_class=2))
     assert listing.dataset == "synthetic"
     assert len(listing.classes) == len(set(listing.classes)) == len(listing.class_names) == 12
     assert listing.classes[:2] == ["disc-flat-p0", "square-stripes-p1"]
@@ -33,7 +32,7 @@ def test_listing_layout():
     assert len(keys) == len(set(keys))
     assert listing.splits["val"][5].key == "val/triangle-checker-p2/00001.jpg"
     assert listing.splits["val"][5].label == 2
-    no_val = synthetic_listing(SyntheticSpec(num_classes=2, train_per_class=1, val_per_class=0))
+    no_val = list_synthetic(SyntheticSpec(num_classes=2, train_per_class=1, val_per_class=0))
     assert list(no_val.splits) == ["train"]
 
 
@@ -44,7 +43,7 @@ def test_every_class_is_a_distinct_style():
 
 
 def test_bytes_are_a_function_of_seed_split_class_index():
-    item = synthetic_listing(SyntheticSpec(train_per_class=5, val_per_class=1)).splits["train"][7]
+    item = list_synthetic(SyntheticSpec(train_per_class=5, val_per_class=1)).splits["train"][7]
     again = pickle.loads(pickle.dumps(item))  # as a worker receives it
     assert read_item(again) == read_item(item) == render_image("cifar", 0, "train", 1, 2)
     variants = {

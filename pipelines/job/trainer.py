@@ -1,0 +1,175 @@
+"""The one place a TorchTrainer is made (:func:`build_trainer`), and a whole training run under
+MLflow (:func:`run_training`), used by resnet-train, resnet-tune's trials and the benchmarks.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import signal
+from collections.abc import Iterator, Sequence
+from typing import Any
+
+from pipelines import storage, tracking
+from pipelines.config import JobConfig, flatten, to_dict
+from pipelines.job.checkpoints import CHECKPOINT_SCORE
+from pipelines.job.final_model import log_final_model
+from pipelines.job.parts import StepPlan
+from pipelines.job.runner import Extension, train_loop_per_worker
+from pipelines.manifest import Manifest
+
+
+class TrainingInterrupted(Exception):
+    """SIGINT or SIGTERM stopped the run; its checkpoints stay and a re-run resumes it."""
+
+
+def build_trainer(
+    config: JobConfig, callbacks: Sequence[Any], extensions: Sequence[Extension] = ()
+) -> Any:
+    """The TorchTrainer of ``config``: its workers and resources, checkpoint storage (local or
+    S3), worker-group restarts, and the checkpoints kept (the best ``train.keep_checkpoints`` by
+    validation top-1, plus the latest, which Ray never deletes). ``callbacks``: Ray Train
+    ``UserCallback``s (the MLflow writer, Tune's reporter); ``extensions``: features added to
+    the loop (:class:`~pipelines.job.runner.Extension`)."""
+    import pyarrow.fs as pafs
+    from ray.train import CheckpointConfig, FailureConfig, LoggingConfig, RunConfig, ScalingConfig
+    from ray.train.torch import TorchTrainer
+
+    fs, path = storage.resolve(config.run.storage_path)
+    storage_fs = None if isinstance(fs, pafs.LocalFileSystem) else fs
+    sc = config.scale
+    return TorchTrainer(
+        train_loop_per_worker,
+        train_loop_config={"config": to_dict(config), "extensions": list(extensions)},
+        scaling_config=ScalingConfig(
+            num_workers=sc.num_workers,
+            use_gpu=sc.use_gpu,
+            resources_per_worker={
+                "CPU": sc.cpus_per_worker,
+                **({"GPU": sc.gpus_per_worker} if sc.use_gpu else {}),
+            },
+        ),
+        run_config=RunConfig(
+            name=config.run_name,
+            storage_path=path if storage_fs is not None else config.run.storage_path,
+            storage_filesystem=storage_fs,
+            failure_config=FailureConfig(max_failures=sc.max_failures, controller_failure_limit=3),
+            checkpoint_config=CheckpointConfig(
+                num_to_keep=config.train.keep_checkpoints,
+                checkpoint_score_attribute=CHECKPOINT_SCORE,
+                checkpoint_score_order="max",
+            ),
+            callbacks=list(callbacks),
+            # Ray Train's INFO lines (one per report) stay in its log files.
+            logging_config=LoggingConfig(log_level="WARNING"),
+        ),
+    )
+
+
+def cluster_tags(config: JobConfig) -> dict[str, str]:
+    """The cluster shape the run used (the last one, for a resumed run)."""
+    import ray
+
+    resources = ray.cluster_resources()
+    sc = config.scale
+    return {
+        "cluster.nodes": str(sum(1 for n in ray.nodes() if n.get("Alive"))),
+        "cluster.cpus": f"{resources.get('CPU', 0):g}",
+        "cluster.gpus": f"{resources.get('GPU', 0):g}",
+        "cluster.workers": str(sc.num_workers),
+        "cluster.use_gpu": str(sc.use_gpu),
+        "cluster.cpus_per_worker": f"{sc.cpus_per_worker:g}",
+    }
+
+
+def run_training(
+    config: JobConfig,
+    manifest: Manifest,
+    plan: StepPlan,
+    extensions: Sequence[Extension] = (),
+) -> dict[str, Any]:
+    """Fit the TorchTrainer under MLflow (Ray must be up); returns the final metrics plus
+    ``mlflow_run_id``. The MLflow run ends FINISHED when every step is done and the final model
+    is logged, FAILED otherwise (also on interrupt: TrainingInterrupted)."""
+    from mlflow.tracking import MlflowClient
+
+    uri = tracking.tracking_uri()
+    tracking.quiet_store_logs()
+    client = MlflowClient(tracking_uri=uri)
+    run_id, resumed = _open_run(client, uri, config, manifest, plan)
+    print(
+        f"MLflow run {run_id} ({'resumed' if resumed else 'new'}) in "
+        f"{tracking.strip_userinfo(uri)}",
+        flush=True,
+    )
+    try:
+        trainer = build_trainer(config, [tracking.MlflowReporter(uri, run_id)], extensions)
+        result = trainer.fit()
+        metrics = dict(result.metrics or {})
+        reached = int(metrics.get("step", 0))
+        if reached < plan.total_steps:  # Ray Train ends an aborted run without an error
+            raise TrainingInterrupted(
+                f"training stopped at step {reached} of {plan.total_steps} (aborted)"
+            )
+        if client.get_run(run_id).data.tags.get(tracking.FINAL_MODEL_TAG) is None:
+            log_final_model(uri, run_id, config, manifest, result.checkpoint)
+    except (KeyboardInterrupt, SystemExit):
+        # SIGINT: Ray Train aborts the run and exits; SIGTERM: sigterm_interrupts() below.
+        client.set_terminated(run_id, "FAILED")
+        raise TrainingInterrupted(f"interrupted ({last_signal()})") from None
+    except BaseException:
+        client.set_terminated(run_id, "FAILED")
+        raise
+    client.set_terminated(run_id, "FINISHED")
+    return {**metrics, "mlflow_run_id": run_id}
+
+
+def _open_run(
+    client: Any, uri: str, config: JobConfig, manifest: Manifest, plan: StepPlan
+) -> tuple[str, bool]:
+    """The run's MLflow run (found again by run name, or new), its tags and params set."""
+    experiment_id = tracking.ensure_experiment(client, config.run.experiment, uri)
+    tags = {
+        **tracking.environment_tags(),
+        **cluster_tags(config),
+        "recipe": config.recipe,
+        "model": config.model.name,
+        "dataset.checksum": manifest.checksum,
+        "dataset.uri": storage.redact(config.data.uri),
+        "plan.steps_per_epoch": str(plan.steps_per_epoch),
+        "plan.total_steps": str(plan.total_steps),
+    }
+    run_id, resumed = tracking.find_or_create_run(client, experiment_id, config.run_name, tags=tags)
+    try:
+        if resumed:
+            tracking.set_tags(client, run_id, tags)
+        tracking.log_params_once(client, run_id, flatten(config))
+    except BaseException:
+        client.set_terminated(run_id, "FAILED")
+        raise
+    return run_id, resumed
+
+
+# Ray Train turns an interrupt during fit() into its own abort and sys.exit, which loses the
+# signal's name: the SIGTERM handler records it.
+_RECEIVED: list[str] = []
+
+
+def last_signal() -> str:
+    """The name of the last signal :func:`sigterm_interrupts` turned into an interrupt."""
+    return _RECEIVED[-1] if _RECEIVED else "SIGINT"
+
+
+def _raise_interrupt(signum: int, frame: Any) -> None:
+    _RECEIVED.append(signal.Signals(signum).name)
+    raise KeyboardInterrupt(_RECEIVED[-1])
+
+
+@contextlib.contextmanager
+def sigterm_interrupts() -> Iterator[None]:
+    """SIGTERM raises KeyboardInterrupt inside the block, as SIGINT does: a stopped job
+    (``ray job stop``, ``kill``) ends its MLflow run and says how to resume."""
+    previous = signal.signal(signal.SIGTERM, _raise_interrupt)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
