@@ -198,9 +198,7 @@ class ScaleConfig:
     max_failures: int = 3  # worker-group restarts from the latest checkpoint
 
     def check(self) -> None:
-        _require(
-            self.num_workers >= 1, f"scale.num_workers={self.num_workers} must be at least 1"
-        )
+        _require(self.num_workers >= 1, f"scale.num_workers={self.num_workers} must be at least 1")
         _require(
             self.cpus_per_worker > 0,
             f"scale.cpus_per_worker={self.cpus_per_worker} must be positive",

@@ -28,7 +28,7 @@ import torch
 
 from pipelines import storage, tracking
 from pipelines.config import ConfigError
-from pipelines.evaluate import (
+from pipelines.job.inference import (
     MODES,
     EvalInputError,
     Protocol,

@@ -40,7 +40,6 @@ from pathlib import Path
 from typing import Any
 
 from pipelines import tracking
-from pipelines.evaluate import EVALUATES_TAG
 from resnet_core.models import is_cifar_model
 from resnet_core.paper import PAPER, PaperValue
 
@@ -104,7 +103,7 @@ def run_info(run: Any) -> RunInfo | None:
         experiment_id=run.info.experiment_id,
         model=model,
         shortcut=shortcut,
-        is_eval=EVALUATES_TAG in run.data.tags or any(k.startswith("eval/") for k in metrics),
+        is_eval=tracking.EVALUATES_TAG in run.data.tags or any(k.startswith("eval/") for k in metrics),
         metrics=metrics,
     )
 
@@ -144,7 +143,7 @@ def collect_runs(
         everything = _search_all(client, experiment_id)
         children = [r for r in everything if r.data.tags.get("mlflow.parentRunId") == parent]
         child_ids = {r.info.run_id for r in children}
-        evals = [r for r in everything if r.data.tags.get(EVALUATES_TAG) in child_ids]
+        evals = [r for r in everything if r.data.tags.get(tracking.EVALUATES_TAG) in child_ids]
         return children + evals, experiment_id
     runs = []
     for run_id in run_ids:

@@ -34,6 +34,7 @@ from resnet_core import jpeg
 
 RUN_NAME_TAG = "resnet_ray.run_name"
 FINAL_MODEL_TAG = "resnet_ray.final_model"  # the logged model's URI, set once it is logged
+EVALUATES_TAG = "resnet_ray.evaluates"  # on a resnet-eval run: the training run it scored
 EMBEDDED_DB = "mlflow.db"
 EMBEDDED_ARTIFACTS = "mlartifacts"
 

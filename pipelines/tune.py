@@ -42,9 +42,7 @@ import io
 import itertools
 import json
 import math
-import os
 import re
-import socket
 import sys
 import tempfile
 from collections.abc import Iterator, Mapping, Sequence
@@ -59,7 +57,7 @@ from ray.tune.integration.ray_train import TuneReportCallback
 from ray.tune.schedulers import ASHAScheduler
 from ray.tune.search import BasicVariantGenerator
 
-from pipelines import storage, tracking, train
+from pipelines import storage, tracking
 from pipelines.config import (
     RUN_NAME,
     ConfigError,
@@ -68,9 +66,15 @@ from pipelines.config import (
     flatten,
     from_dict,
     to_dict,
+    validate,
 )
+from pipelines.job import checks
+from pipelines.job.cli import add_job_arguments, flag_overrides, resolve_config
+from pipelines.job.final_model import log_final_model
+from pipelines.job.parts import plan_steps
+from pipelines.job.session import local_cpus, ray_session
+from pipelines.job.trainer import build_trainer
 from pipelines.manifest import Manifest, ManifestError
-from pipelines.recipes import RECIPES
 from resnet_core.checkpoint import CheckpointError
 
 METRIC = "val/error"  # ASHA minimises the validation error after each evaluated epoch
@@ -179,8 +183,6 @@ def build_parser() -> argparse.ArgumentParser:
         "(1e-3:1e-1). Any base config value can be overridden as section.key=value, exactly as "
         "for resnet-train (train.epochs=3 data.decode_cpus=0.5).",
     )
-    parser.add_argument("--recipe", default="demo", choices=sorted(RECIPES), help="base recipe")
-    parser.add_argument("--data", help="dataset URI written by resnet-prepare (path or s3://)")
     parser.add_argument("--models", help="models to sweep, e.g. resnet20,resnet32,resnet56")
     parser.add_argument("--lr", help="learning rates: list 0.01,0.1 or range 1e-3:1e-1")
     parser.add_argument("--weight-decay", help="weight decays: list or range")
@@ -200,16 +202,9 @@ def build_parser() -> argparse.ArgumentParser:
         "--max-failures", type=int, default=2, help="retries of a failed trial (Tune)"
     )
     parser.add_argument("--seed", type=int, default=0, help="seed of the random search")
-    parser.add_argument("--workers", type=int, help="Train workers per trial (scale.num_workers)")
-    parser.add_argument("--gpu", action="store_true", help="one GPU per worker (scale.use_gpu)")
-    parser.add_argument("--cpus-per-worker", type=float, help="CPUs per Train worker")
-    parser.add_argument("--epochs", type=int, help="train.epochs of every trial")
-    parser.add_argument("--storage", help="Tune and Train storage root: path or s3://bucket/x")
     parser.add_argument("--name", help="sweep name (default tune-<recipe>); re-use it to resume")
-    parser.add_argument("--experiment", help="MLflow experiment name")
-    parser.add_argument("--address", help="Ray cluster address (default: RAY_ADDRESS or local)")
-    parser.add_argument("--print-config", action="store_true", help="print the plan and exit")
-    parser.add_argument("overrides", nargs="*", help="section.key=value base config overrides")
+    # The base config's flags, exactly resnet-train's (--workers, --epochs, --storage, ...).
+    add_job_arguments(parser)
     return parser
 
 
@@ -272,8 +267,7 @@ def resolve_sweep(args: argparse.Namespace) -> SweepConfig:
     models = parse_names(args.models, "--models") if args.models else (None,)
     bases = {}
     for model in models:
-        base_args = argparse.Namespace(**{**vars(args), "model": model, "name": None})
-        config = train.absolute_locations(train.resolve_config(base_args))
+        config = resolve_config(args.recipe, model, flag_overrides(args))
         bases[config.model.name] = config
     max_concurrent = 1 if args.max_concurrent is None else args.max_concurrent
     for flag, value, least in (
@@ -340,7 +334,7 @@ def validate_sweep(sweep: SweepConfig) -> None:
     for params in candidate_params(sweep):
         config = trial_config(sweep.bases, params, child_run_name(sweep.name, TRIAL_ID_EXAMPLE))
         try:
-            train.validate(config, model_names_ok=train._is_model_name)
+            validate(config)
         except ConfigError as e:
             raise ConfigError(f"trial {_shown(params)}: {e}") from None
 
@@ -349,11 +343,11 @@ def check_dataset(sweep: SweepConfig) -> Manifest:
     """resnet-train's dataset checks for every model, and that every batch fits the data."""
     manifest = None
     for config in sweep.bases.values():
-        manifest, _ = train.check_dataset(config)
+        manifest, _ = checks.check_dataset(config)
     for params in candidate_params(sweep):
         config = trial_config(sweep.bases, params, child_run_name(sweep.name, TRIAL_ID_EXAMPLE))
         try:
-            train.plan_steps(config, manifest)
+            plan_steps(config, manifest)
         except ValueError as e:
             raise ConfigError(f"trial {_shown(params)}: {e}") from None
     return manifest
@@ -490,7 +484,7 @@ def run_trial(params: dict[str, Any], setup: TrialSetup) -> None:
     )
     tracking.log_params_once(client, run_id, flatten(config))
     if resumed:
-        train.say(f"trial {trial_id}: continuing MLflow run {run_id}")
+        print(f"trial {trial_id}: continuing MLflow run {run_id}", flush=True)
     trainer = build_trainer(
         config,
         # MLflow first: Tune may stop the trial as soon as it sees the result, and the
@@ -498,38 +492,6 @@ def run_trial(params: dict[str, Any], setup: TrialSetup) -> None:
         callbacks=[tracking.MlflowReporter(setup.tracking_uri, run_id), EvaluatedEpochReport()],
     )
     trainer.fit()
-
-
-def build_trainer(config: JobConfig, callbacks: list[Any]) -> Any:
-    """resnet-train's TorchTrainer for ``config`` (same scaling, storage, retries, checkpoints)."""
-    import pyarrow.fs as pafs
-    from ray.train import CheckpointConfig, FailureConfig, LoggingConfig, RunConfig, ScalingConfig
-    from ray.train.torch import TorchTrainer
-
-    fs, path = storage.resolve(config.run.storage_path)
-    storage_fs = None if isinstance(fs, pafs.LocalFileSystem) else fs
-    sc = config.scale
-    return TorchTrainer(
-        train.train_loop_per_worker,
-        train_loop_config={"config": to_dict(config)},
-        scaling_config=ScalingConfig(
-            num_workers=sc.num_workers,
-            use_gpu=sc.use_gpu,
-            resources_per_worker={
-                "CPU": sc.cpus_per_worker,
-                **({"GPU": sc.gpus_per_worker} if sc.use_gpu else {}),
-            },
-        ),
-        run_config=RunConfig(
-            name=config.run_name,
-            storage_path=path if storage_fs is not None else config.run.storage_path,
-            storage_filesystem=storage_fs,
-            failure_config=FailureConfig(max_failures=sc.max_failures, controller_failure_limit=3),
-            checkpoint_config=CheckpointConfig(num_to_keep=config.train.keep_checkpoints),
-            callbacks=callbacks,
-            logging_config=LoggingConfig(log_level="WARNING"),
-        ),
-    )
 
 
 # ---------------------------------------------------------------------------------------------
@@ -589,9 +551,7 @@ class ChildRunCloser(Callback):
         if run is None:
             return
         epochs_run = int((trial.last_result or {}).get(TIME_ATTR, 0))
-        planned = train.plan_steps(
-            trial_config(self.bases, trial.config, name), self.manifest
-        ).epochs
+        planned = plan_steps(trial_config(self.bases, trial.config, name), self.manifest).epochs
         outcome = trial_outcome(tune_status, epochs_run, planned)
         close_child_run(client, run.info.run_id, outcome, epochs_run)
 
@@ -605,38 +565,6 @@ class ChildRunCloser(Callback):
 # ---------------------------------------------------------------------------------------------
 # The driver: MLflow parent, resources, the Tuner (new or restored)
 # ---------------------------------------------------------------------------------------------
-
-
-def start_ray(config: JobConfig, address: str | None) -> bool:
-    """resnet-train's connection (``--address``, ``RAY_ADDRESS``) or a local Ray sized for one
-    trial, whose dashboard address every worker knows. Returns True when this call started it.
-
-    Why the address: Ray Train's placement-group cleaner (the process that frees a trial's
-    worker reservations once Tune stopped the trial) finds the dashboard by scanning for local
-    Ray instances and gives up when there are several on the machine; the sweep would then stall
-    with every CPU reserved by stopped trials.
-    """
-    import ray
-
-    if ray.is_initialized() or address or os.environ.get("RAY_ADDRESS"):
-        return train.start_ray(config, address)
-    sc, d = config.scale, config.data
-    needed = sc.num_workers * (sc.cpus_per_worker + d.decode_cpus)
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        port = probe.getsockname()[1]
-    ray.init(
-        num_cpus=max(os.cpu_count() or 1, math.ceil(needed)),
-        dashboard_host="127.0.0.1",
-        dashboard_port=port,
-        runtime_env={"env_vars": {"RAY_API_SERVER_ADDRESS": f"http://127.0.0.1:{port}"}},
-    )
-    try:
-        train.check_cluster_gpus(config)
-    except ConfigError:
-        ray.shutdown()
-        raise
-    return True
 
 
 def concurrent_trials(config: JobConfig, cluster: Mapping[str, float], cap: int | None) -> int:
@@ -809,7 +737,7 @@ def collect_rows(
         config = trial_config(sweep.bases, trial.config, name)
         last = trial.last_result or {}
         epochs_run = int(last.get(TIME_ATTR, 0))
-        planned = train.plan_steps(config, manifest).epochs
+        planned = plan_steps(config, manifest).epochs
         run = tracking.find_run(client, experiment_id, name)
         run_id = run.info.run_id if run else None
         history = client.get_metric_history(run_id, "val/top1") if run_id else []
@@ -1018,7 +946,7 @@ def record_results(
         from ray.train import Checkpoint
 
         checkpoint = Checkpoint(best.checkpoint_path, filesystem=filesystem)
-        train.log_final_model(uri, best.run_id, best.config, manifest, checkpoint)
+        log_final_model(uri, best.run_id, best.config, manifest, checkpoint)
     tags = {
         "best.trial_id": best.trial_id,
         "best.run_id": best.run_id,
@@ -1034,8 +962,8 @@ def record_results(
 # ---------------------------------------------------------------------------------------------
 
 
-def run_sweep(sweep: SweepConfig, manifest: Manifest, address: str | None) -> int:
-    """Everything after validation; returns the exit status."""
+def run_sweep(sweep: SweepConfig, manifest: Manifest) -> int:
+    """Everything after the checks (Ray must be up); returns the exit status."""
     import ray
     from mlflow.tracking import MlflowClient
 
@@ -1049,7 +977,6 @@ def run_sweep(sweep: SweepConfig, manifest: Manifest, address: str | None) -> in
         flush=True,
     )
     try:
-        start_ray(sweep.first, address)
         concurrency = concurrent_trials(sweep.first, ray.cluster_resources(), sweep.max_concurrent)
         print(f"{concurrency} trials at a time on this cluster", flush=True)
         client.set_tag(parent_run_id, "tune.concurrent_trials", str(concurrency))
@@ -1069,6 +996,14 @@ def run_sweep(sweep: SweepConfig, manifest: Manifest, address: str | None) -> in
     except Exception:
         client.set_terminated(parent_run_id, "FAILED")
         raise
+    return close_sweep(client, uri, parent_run_id, rows, best)
+
+
+def close_sweep(
+    client: Any, uri: str, parent_run_id: str, rows: Sequence[TrialRow], best: TrialRow | None
+) -> int:
+    """End the parent run (KILLED when trials are unfinished) and print the outcome; the exit
+    status."""
     unfinished = [r.trial_id for r in rows if r.outcome == UNFINISHED]
     failed = [r.trial_id for r in rows if r.outcome == FAILED]
     if unfinished:
@@ -1087,6 +1022,28 @@ def run_sweep(sweep: SweepConfig, manifest: Manifest, address: str | None) -> in
     return 1 if failed or best is None else 0
 
 
+def launch(sweep: SweepConfig, address: str | None) -> int:
+    """The checks, then the sweep on a Ray cluster (attached, or local for the duration)."""
+    first = sweep.first
+    for config in sweep.bases.values():
+        checks.check_model(config)
+    checks.check_locations(first)
+    checks.check_gpu_locally(first, address)
+    demo_data_missing = checks.needs_demo_data(first)
+    manifest = None if demo_data_missing else check_dataset(sweep)
+    sc, d = first.scale, first.data
+    with ray_session(
+        address,
+        num_cpus=local_cpus(sc.num_workers * (sc.cpus_per_worker + d.decode_cpus)),
+        gpus_needed=sc.num_workers * sc.gpus_per_worker if sc.use_gpu else 0,
+        gpus_for=f"scale.use_gpu=true with {sc.num_workers} workers per trial",
+    ):
+        if manifest is None:
+            checks.ensure_demo_data(first)
+            manifest = check_dataset(sweep)
+        return run_sweep(sweep, manifest)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Run the sweep; returns the exit status (0 all trials ended well, 1 a trial failed or the
     sweep was interrupted, 2 bad configuration, nothing started)."""
@@ -1101,26 +1058,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     print("base config:\n" + json.dumps(to_dict(sweep.first), indent=2), flush=True)
     if args.print_config:
         return 0
-    import ray
-
-    started_here = not ray.is_initialized()
     try:
-        first = sweep.first
-        for config in sweep.bases.values():
-            train.check_model(config)
-        train.check_locations(first)
-        train.check_gpu_locally(first, args.address)
-        if train.needs_demo_data(first):
-            start_ray(first, args.address)
-            train.ensure_demo_data(first)
-        manifest = check_dataset(sweep)
-        return run_sweep(sweep, manifest, args.address)
+        return launch(sweep, args.address)
     except (ConfigError, ManifestError, storage.StorageError, CheckpointError) as e:
         print(f"resnet-tune: {e}", file=sys.stderr)
         return 2
-    finally:
-        if started_here and ray.is_initialized():
-            ray.shutdown()
 
 
 if __name__ == "__main__":

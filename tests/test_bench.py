@@ -13,6 +13,7 @@ import pytest
 from PIL import Image
 
 from pipelines import bench
+from pipelines.bench import common as bench_common
 from pipelines.bench import data as bench_data
 from tests.jpeg_decoder import EXPECTED_DECODER
 
@@ -72,7 +73,7 @@ def test_bench_data_rejects_a_folder_without_images(tmp_path, capsys):
 
 def test_per_core_measurement_counts_every_pipeline(tmp_path):
     _write_jpegs(tmp_path, 2)
-    paths = bench_data.find_images(tmp_path)
+    paths = bench_common.find_images(tmp_path)
     datas = [p.read_bytes() for p in paths]
     pipelines = bench_data.per_core_pipelines(paths, datas, datas)
     rates = bench_data.measure_per_core(pipelines, len(paths), seconds=0.2, rounds=2)

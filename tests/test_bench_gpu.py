@@ -18,6 +18,8 @@ from PIL import Image
 from pipelines import bench
 from pipelines.bench import gpu
 from pipelines.config import JobConfig, ModelConfig
+from pipelines.job.parts import build_training
+from pipelines.manifest import Manifest, ShardInfo, SplitInfo
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -68,25 +70,27 @@ def test_bad_arguments_exit_2_with_or_without_cuda(capsys, argv, message):
     assert message in capsys.readouterr().err
 
 
-def test_ceiling_loop_trains_a_tiny_model_on_the_cpu():
-    config = _e2e_config(compile=False)
+def _manifest(classes: int, train_rows: int) -> Manifest:
+    """A dataset's manifest as the job reads it (class count, split sizes), without files."""
+    split = SplitInfo(train_rows, (ShardInfo("train/shard.parquet", train_rows, 1, "0" * 64),))
+    names = tuple(f"c{i}" for i in range(classes))
+    return Manifest(
+        "/nowhere", "test", names, names, {"train": split, "val": split},
+        None, 95, None, None, None, "0" * 64, {},
+    )  # fmt: skip
+
+
+def test_ceiling_loop_runs_the_jobs_training_step_on_the_cpu():
+    config = _e2e_config(compile=False)  # bf16: CPU autocast, the same code path as on CUDA
     device = torch.device("cpu")
-    model, optimizer, criterion = gpu.build_training(config, 5, device, channels_last=True)
+    training = build_training(config, _manifest(5, 64), device)
     images, labels = gpu.synthetic_batch(2, 64, 5, device)
     assert images.dtype == torch.uint8
     assert images.shape == (2, 64, 64, 3)
+    assert training.step.dtype == torch.bfloat16
+    model = training.model
     before = [p.detach().clone() for p in model.parameters()]
-    rate = gpu.measure_ceiling(
-        model,
-        optimizer,
-        criterion,
-        images,
-        labels,
-        steps=2,
-        warmup=1,
-        channels_last=True,
-        bf16=True,  # CPU autocast: the same code path as on CUDA
-    )
+    rate = gpu.measure_ceiling(training.step, images, labels, steps=2, warmup=1)
     assert rate > 0
     changed = [not torch.equal(a, b) for a, b in zip(before, model.parameters(), strict=True)]
     assert sum(changed) > len(changed) // 2  # two SGD steps moved the weights

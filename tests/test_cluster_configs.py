@@ -420,8 +420,8 @@ def test_rayjob_entrypoint_is_a_valid_training_command():
     argv = shlex.split(rayjob["spec"]["entrypoint"])
     assert argv[:3] == ["python", "-m", "pipelines.train"]
     args = train.build_parser().parse_args(argv[3:])
-    config = train.resolve_config(args)
-    validate(config, model_names_ok=train._is_model_name)
+    config = train.config_from_args(args)
+    validate(config)
     assert config.recipe == "imagenet-fast"
     assert config.model.name == "resnet50"
     assert config.scale.use_gpu

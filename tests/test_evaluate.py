@@ -1,6 +1,6 @@
 """resnet-eval and resnet-predict (pipelines.evaluate, pipelines.predict) on real shards written by
 resnet-prepare, a local Ray and a SQLite MLflow store holding a training run recorded by
-train.log_final_model."""
+pipelines.job.final_model."""
 
 from __future__ import annotations
 
@@ -19,8 +19,11 @@ import torch
 from mlflow.tracking import MlflowClient
 from ray.train import Checkpoint
 
-from pipelines import data, evaluate, predict, tracking, train
+from pipelines import data, evaluate, predict, tracking
 from pipelines.config import JobConfig, flatten, to_dict
+from pipelines.job import inference
+from pipelines.job.final_model import log_final_model
+from pipelines.job.parts import normalization
 from pipelines.manifest import Manifest, read_manifest
 from pipelines.prepare import main as prepare_main
 from pipelines.recipes import build_recipe
@@ -80,7 +83,7 @@ def net(config, dataset) -> torch.nn.Module:
         for uri in dataset.shard_uris("train")
         for image in pq.read_table(uri).column("image").to_pylist()
     ]
-    mean, std = train.normalization(config, dataset, CPU)
+    mean, std = normalization(config, dataset)
     x = to_float_batch(torch.from_numpy(np.stack(crops)), mean=mean, std=std)
     with torch.no_grad():
         fc, model.fc = model.fc, torch.nn.Identity()
@@ -93,11 +96,11 @@ def net(config, dataset) -> torch.nn.Module:
 
 
 @pytest.fixture(scope="module")
-def spec(net, config, dataset) -> evaluate.ModelSpec:
-    trained = evaluate.TrainedModel(
+def spec(net, config, dataset) -> inference.ModelSpec:
+    trained = inference.TrainedModel(
         config, net.state_dict(), dataset.classes, dataset.class_names, None, None, "test"
     )
-    return evaluate.model_spec(trained, dataset)
+    return inference.model_spec(trained, dataset)
 
 
 @pytest.fixture(scope="module")
@@ -119,26 +122,28 @@ def mlflow_uri(tmp_path_factory) -> Iterator[str]:
 @pytest.fixture(scope="module")
 def trained_run(mlflow_uri, config, dataset, net, tmp_path_factory) -> str:
     """A finished training run as resnet-train records it: its params, then final/ artifacts
-    and the registered model written by train.log_final_model from a checkpoint."""
+    and the registered model written by log_final_model from a checkpoint."""
     client = MlflowClient(tracking_uri=mlflow_uri)
     experiment_id = tracking.ensure_experiment(client, config.run.experiment, mlflow_uri)
     run_id, _ = tracking.find_or_create_run(client, experiment_id, config.run_name)
     tracking.log_params_once(client, run_id, flatten(config))
     state = training_state(net, epoch=1, step=3, batches_in_epoch=0, config=to_dict(config))
     path = save_checkpoint(tmp_path_factory.mktemp("ckpt") / "state", state)
-    train.log_final_model(mlflow_uri, run_id, config, dataset, Checkpoint.from_directory(str(path)))
+    log_final_model(mlflow_uri, run_id, config, dataset, Checkpoint.from_directory(str(path)))
     client.set_terminated(run_id, "FINISHED")
     return run_id
 
 
-def protocol(config: JobConfig, scales=(32, 40, 48)) -> evaluate.Protocol:
-    return evaluate.Protocol(config.data.image_size, config.data.eval_resize, tuple(scales))
+def protocol(config: JobConfig, scales=(32, 40, 48)) -> inference.Protocol:
+    return inference.Protocol(config.data.image_size, config.data.eval_resize, tuple(scales))
 
 
 def expected_errors(spec, config, val_rows, modes) -> dict[str, float]:
     """Top-1 error per mode computed in this process, all images in one call, by argmax."""
     images, labels, _ = val_rows
-    scores = evaluate.score_images(evaluate.build_model(spec), images, modes, protocol(config), CPU)
+    scores = inference.score_images(
+        inference.build_model(spec), images, modes, protocol(config), CPU
+    )
     assert not scores.bad.any()
     return {
         mode: float((p.argmax(dim=1) != torch.tensor(labels)).double().mean())
@@ -151,7 +156,7 @@ def eval_runs(mlflow_uri: str, trained_run: str) -> list:
     experiment_id = client.get_run(trained_run).info.experiment_id
     return client.search_runs(
         [experiment_id],
-        filter_string=f"tags.`{evaluate.EVALUATES_TAG}` = '{trained_run}'",
+        filter_string=f"tags.`{tracking.EVALUATES_TAG}` = '{trained_run}'",
         order_by=["attributes.start_time DESC"],
     )
 
@@ -162,9 +167,9 @@ def eval_runs(mlflow_uri: str, trained_run: str) -> list:
 
 
 def test_ten_crop_equals_mean_of_the_ten_single_crop_evaluations(spec, config, val_rows):
-    model = evaluate.build_model(spec)
+    model = inference.build_model(spec)
     images = val_rows[0][:3]
-    ten = evaluate.score_images(model, images, ["tencrop"], protocol(config), CPU)
+    ten = inference.score_images(model, images, ["tencrop"], protocol(config), CPU)
     size, resize = config.data.image_size, config.data.eval_resize
     far, middle = resize - size, round((resize - size) / 2)
     corners = [(0, 0), (0, far), (far, 0), (far, far), (middle, middle)]  # (top, left)
@@ -174,8 +179,7 @@ def test_ten_crop_equals_mean_of_the_ten_single_crop_evaluations(spec, config, v
         for view in (square, square[:, ::-1]):  # the image, then its mirror
             for top, left in corners:
                 crop = np.ascontiguousarray(view[top : top + size, left : left + size])
-                batch = to_float_batch(torch.from_numpy(crop[None]), mean=(0.0, 0.0, 0.0))
-                singles.append(predict_center(model, batch)[0])
+                singles.append(predict_center(model, torch.from_numpy(crop[None]))[0])
         assert len({tuple(s.tolist()) for s in singles}) == 10  # ten different views
         torch.testing.assert_close(ten.probabilities["tencrop"][i], torch.stack(singles).mean(0))
 
@@ -183,28 +187,28 @@ def test_ten_crop_equals_mean_of_the_ten_single_crop_evaluations(spec, config, v
 def test_multiscale_scores_every_paper_scale(spec, config, val_rows):
     """The whole image at 224, 256, 384, 480 and 640 (and mirrored): the result is the mean of
     the five single-scale results, so every scale was accepted and counted once."""
-    model = evaluate.build_model(spec)
+    model = inference.build_model(spec)
     image = val_rows[0][:1]
     scales = MULTISCALE_SHORTER_SIDES
-    together = evaluate.score_images(model, image, ["multiscale"], protocol(config, scales), CPU)
+    together = inference.score_images(model, image, ["multiscale"], protocol(config, scales), CPU)
     alone = [
-        evaluate.score_images(model, image, ["multiscale"], protocol(config, [s]), CPU)
+        inference.score_images(model, image, ["multiscale"], protocol(config, [s]), CPU)
         for s in scales
     ]
     per_scale = torch.stack([a.probabilities["multiscale"][0] for a in alone])
     assert len({tuple(p.tolist()) for p in per_scale}) == len(scales)
     torch.testing.assert_close(together.probabilities["multiscale"][0], per_scale.mean(0))
-    assert evaluate.default_scales("resnet50", 224) == MULTISCALE_SHORTER_SIDES
-    assert evaluate.default_scales("resnet8", 32) == evaluate.CIFAR_MULTISCALE_SHORTER_SIDES
+    assert inference.default_scales("resnet50", 224) == MULTISCALE_SHORTER_SIDES
+    assert inference.default_scales("resnet8", 32) == inference.CIFAR_MULTISCALE_SHORTER_SIDES
 
 
 def test_images_of_different_sizes_score_as_they_do_alone(spec, config, val_rows):
-    model = evaluate.build_model(spec)
+    model = inference.build_model(spec)
     images = val_rows[0][:3]
     modes = ["center", "tencrop", "multiscale"]
-    batch = evaluate.score_images(model, images, modes, protocol(config), CPU)
+    batch = inference.score_images(model, images, modes, protocol(config), CPU)
     for i, image in enumerate(images):
-        alone = evaluate.score_images(model, [image], modes, protocol(config), CPU)
+        alone = inference.score_images(model, [image], modes, protocol(config), CPU)
         for mode in modes:
             torch.testing.assert_close(
                 batch.probabilities[mode][i], alone.probabilities[mode][0], atol=1e-5, rtol=0
@@ -212,9 +216,9 @@ def test_images_of_different_sizes_score_as_they_do_alone(spec, config, val_rows
 
 
 def test_undecodable_image_is_dropped_from_every_mode(spec, config, val_rows):
-    model = evaluate.build_model(spec)
+    model = inference.build_model(spec)
     images = [val_rows[0][0], b"not an image", val_rows[0][1]]
-    scores = evaluate.score_images(model, images, ["center", "multiscale"], protocol(config), CPU)
+    scores = inference.score_images(model, images, ["center", "multiscale"], protocol(config), CPU)
     assert scores.bad.tolist() == [False, True, False]
     assert "UnidentifiedImageError" in scores.first_error
     assert {p.shape for p in scores.probabilities.values()} == {(2, NUM_CLASSES)}
@@ -293,6 +297,60 @@ def test_runs_uri_evaluates_the_runs_final_artifacts(
     assert sum(int(r["images"]) for r in rows) == 12
     correct = sum(float(r["center_top1_acc"]) * int(r["images"]) for r in rows)
     assert correct == pytest.approx(12 * (1 - expected["center"]))
+
+
+def _served(mlflow_uri: str, device: str):
+    """The registered model as a client loads it, on ``device``."""
+    import mlflow
+
+    mlflow.set_tracking_uri(mlflow_uri)
+    return mlflow.pyfunc.load_model(f"models:/{REGISTERED}/1", model_config={"device": device})
+
+
+def _center_crops(config: JobConfig, images: list[bytes]) -> np.ndarray:
+    sampler = CenterCrop(config.data.eval_resize, config.data.image_size)
+    rng = np.random.default_rng(0)
+    return np.stack([decode_crop(image, sampler, rng, flip=False) for image in images])
+
+
+@pytest.mark.slow
+def test_the_registered_model_takes_uint8_images_and_normalises_them(
+    trained_run, mlflow_uri, spec, config, val_rows
+):
+    """The served model: uint8 (N, H, W, 3) in (its signature says so), logits out, equal to
+    the net after the training run's input normalisation; code and safetensors, no pickle."""
+    import mlflow
+
+    mlflow.set_tracking_uri(mlflow_uri)
+    info = mlflow.models.get_model_info(f"models:/{REGISTERED}/1")
+    (inputs,), (outputs,) = info.signature.inputs.to_dict(), info.signature.outputs.to_dict()
+    assert inputs["tensor-spec"] == {"dtype": "uint8", "shape": (-1, 32, 32, 3)}
+    assert outputs["tensor-spec"] == {"dtype": "float32", "shape": (-1, NUM_CLASSES)}
+    assert info.saved_input_example_info is not None
+    served = _served(mlflow_uri, "cpu")
+    assert served.unwrap_python_model().device == CPU
+    crops = _center_crops(config, val_rows[0])
+    logits = served.predict(crops)
+    with torch.no_grad():
+        expected = inference.build_model(spec)(torch.from_numpy(crops)).numpy()
+    np.testing.assert_allclose(logits, expected, rtol=0, atol=1e-5)
+    # Without the per-pixel mean the logits would differ: the normalisation is in the model.
+    net_alone = inference.build_model(spec)[1]
+    with torch.no_grad():
+        raw = net_alone(torch.from_numpy(crops).permute(0, 3, 1, 2).float() / 255).numpy()
+    assert np.abs(raw - logits).max() > 1e-2
+    files = Path(mlflow.artifacts.download_artifacts(f"models:/{REGISTERED}/1"))
+    suffixes = {p.suffix for p in files.rglob("*") if p.is_file()}
+    assert not suffixes & {".pkl", ".pickle", ".pth", ".pt"}, suffixes
+
+
+@pytest.mark.gpu
+def test_the_registered_model_loads_on_cuda(trained_run, mlflow_uri, config, val_rows):
+    crops = _center_crops(config, val_rows[0])
+    on_cpu = _served(mlflow_uri, "cpu").predict(crops)
+    on_cuda = _served(mlflow_uri, "cuda")
+    assert on_cuda.unwrap_python_model().device.type == "cuda"
+    np.testing.assert_allclose(on_cuda.predict(crops), on_cpu, rtol=2e-2, atol=2e-2)
 
 
 @pytest.mark.slow
@@ -406,7 +464,7 @@ def test_checkpoint_run_folder_on_s3(s3_server, net, config, tmp_path):
         for path in local.iterdir():
             s3.upload_file(str(path), "runs", f"results/{config.run_name}/{name}/{path.name}")
     store = f"sqlite:///{tmp_path / 'no-store.db'}"
-    trained = evaluate.load_trained_model(f"s3://runs/results/{config.run_name}", store)
+    trained = inference.load_trained_model(f"s3://runs/results/{config.run_name}", store)
     assert trained.origin == f"s3://runs/results/{config.run_name}/checkpoint-000000005-bb"
     assert trained.config == config
     assert trained.run_id is None  # no MLflow store to find the training run in
@@ -438,8 +496,8 @@ def test_predict_prints_top5_with_names_and_flags_a_bad_file(
     assert err_lines[0].startswith(f"resnet-predict: {bad}: not a decodable image")
     assert err_lines[1].startswith(f"resnet-predict: {missing}: cannot read the file")
 
-    scores = evaluate.score_images(
-        evaluate.build_model(spec), val_rows[0][:2], ["center"], protocol(config), CPU
+    scores = inference.score_images(
+        inference.build_model(spec), val_rows[0][:2], ["center"], protocol(config), CPU
     )
     lines = captured.out.splitlines()
     assert len(lines) == 2 * (1 + NUM_CLASSES)  # 4 classes: all of them are the top 5

@@ -13,7 +13,6 @@ from mlflow.tracking import MlflowClient
 from PIL import Image
 
 from pipelines import report, tracking
-from pipelines.evaluate import EVALUATES_TAG
 from resnet_core.paper import PAPER
 
 EXPERIMENT = "report-test"
@@ -66,7 +65,7 @@ def eval_run(
     evaluates: str = "",
 ) -> str:
     """A run as resnet-eval logs it."""
-    tags = {EVALUATES_TAG: evaluates} if evaluates else {}
+    tags = {tracking.EVALUATES_TAG: evaluates} if evaluates else {}
     run_id = client.create_run(experiment_id, run_name=f"eval-{model}", tags=tags).info.run_id
     client.log_param(run_id, "model.name", model)
     client.log_param(run_id, "model.shortcut", shortcut)

@@ -17,21 +17,17 @@ from pipelines.config import (
     to_dict,
     validate,
 )
+from pipelines.job.checkpoints import restore_latest
+from pipelines.job.checks import check_model
 from pipelines.recipes import RECIPES, build_recipe
-from pipelines.train import (
-    _is_model_name,
-    build_parser,
-    check_model,
-    resolve_config,
-    restore_latest,
-)
+from pipelines.train import build_parser, config_from_args
 from resnet_core.checkpoint import CheckpointError, save_checkpoint, training_state
 from resnet_core.models import create_model
 from resnet_core.optim import build_sgd
 
 
 def _validate(config: JobConfig) -> None:
-    validate(config, model_names_ok=_is_model_name)
+    validate(config)
 
 
 @pytest.mark.parametrize("name", sorted(RECIPES))
@@ -197,7 +193,7 @@ def test_command_line_flags_then_overrides():
         ["--recipe", "cifar-paper", "--model", "resnet56", "--workers", "4", "--epochs", "3",
          "--gpu", "--name", "r56", "train.epochs=5", "optim.lr=0.05"]
     )  # fmt: skip
-    config = resolve_config(args)
+    config = config_from_args(args)
     assert config.recipe == "cifar-paper"
     assert config.model.name == "resnet56"
     assert config.scale.num_workers == 4

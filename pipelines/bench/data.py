@@ -20,7 +20,6 @@ over the same images in the same order. The Ray figure is wall-clock and more se
 from __future__ import annotations
 
 import argparse
-import contextlib
 import io
 import os
 import tempfile
@@ -32,9 +31,18 @@ import numpy as np
 import torch
 from PIL import Image
 
+from pipelines import data
 from pipelines.audit import audit_image
-from pipelines.bench.common import BenchError, print_machine, ratio_line, target_line
-from pipelines.sources import IMG_EXTENSIONS
+from pipelines.bench.common import (
+    BenchError,
+    find_images,
+    image_dataset,
+    print_machine,
+    ratio_line,
+    target_line,
+)
+from pipelines.job.session import ray_session
+from pipelines.manifest import read_manifest
 from resnet_core import jpeg
 from resnet_core.transforms import (
     IMAGENET_MEAN_RGB,
@@ -77,16 +85,6 @@ def add_parser(commands: argparse._SubParsersAction) -> None:
 # ---------------------------------------------------------------------------------------------
 # resnet-bench data
 # ---------------------------------------------------------------------------------------------
-
-
-def find_images(folder: Path) -> list[Path]:
-    """Image files under ``folder`` (recursively, common extensions, any case), sorted."""
-    paths = sorted(
-        p for p in folder.rglob("*") if p.is_file() and p.suffix.lower() in IMG_EXTENSIONS
-    )
-    if not paths:
-        raise BenchError(f"no images under {folder}: pass --images a folder of JPEG files")
-    return paths
 
 
 def per_core_pipelines(
@@ -147,32 +145,6 @@ def measure_per_core(
     return {name: images[name] / cpu_seconds[name] for name in pipelines}
 
 
-def prepare_shards(
-    image_paths: Sequence[Path], workdir: Path, *, max_side: int | None, min_rows: int
-) -> str:
-    """A one-class dataset written by resnet-prepare (its output hidden) from ``image_paths``,
-    repeated until it has at least ``min_rows`` rows, so epochs are long enough to time."""
-    from pipelines import prepare
-
-    src = workdir / "src" / "images"
-    if not src.exists():
-        src.mkdir(parents=True)
-        copies = -(-min_rows // len(image_paths))
-        for copy in range(copies):
-            for i, path in enumerate(image_paths):
-                (src / f"{copy:03d}-{i:06d}{path.suffix.lower()}").symlink_to(path.resolve())
-    out = workdir / ("shards" if max_side is None else f"shards-{max_side}")
-    argv = ["folder", "--src", str(src.parent), "--out", str(out), "--max-skipped", "0.5"]
-    if max_side is not None:
-        argv += ["--max-side", str(max_side)]
-    log = io.StringIO()
-    with contextlib.redirect_stdout(log), contextlib.redirect_stderr(log):
-        status = prepare.main(argv)
-    if status != 0:
-        raise RuntimeError(f"resnet-prepare failed (exit {status}):\n{log.getvalue()}")
-    return str(out)
-
-
 def process_tree_cpu_seconds() -> float | None:
     """CPU seconds (user + system) used so far by this process and all its descendants, reaped
     children included; None without Linux's /proc. A local Ray started by this process (GCS,
@@ -209,24 +181,21 @@ def measure_ray(
     Returns (images per wall second, images timed, CPU seconds they took in this process and its
     descendants, or None where that cannot be measured).
     """
-    from pipelines import data
-    from pipelines.manifest import read_manifest
-
     manifest = read_manifest(uri)
+    options = data.DecodeOptions(
+        mode="paper", image_size=224, task_rows=RAY_TASK_ROWS, map_batch_rows=RAY_TASK_ROWS // 4
+    )
 
     def epoch_images(epoch: int) -> int:
         batches = data.iter_batches(
             manifest,
+            options,
             split=split,
-            mode="paper",
             world_size=1,
             rank=0,
             epoch=epoch,
             seed=0,
             batch_size=batch_size,
-            image_size=224,
-            task_rows=RAY_TASK_ROWS,
-            map_batch_rows=RAY_TASK_ROWS // 4,
         )
         return sum(len(labels) for _, labels in batches)
 
@@ -282,44 +251,51 @@ def run_data_bench(
         if name != BASELINE:
             _print_ratio(name, rates[name] / rates[BASELINE])
 
-    import ray
-
-    started = not ray.is_initialized()
-    if started:
-        ray.init(num_cpus=num_cpus, include_dashboard=False, log_to_driver=False)
-    try:
-        cpus = ray.cluster_resources().get("CPU", 1.0)
-        with tempfile.TemporaryDirectory(prefix="resnet-bench-") as tmp:
-            if shards:
-                runs = {f"ray_{Path(uri).name}": uri for uri in shards}
-            else:
-                work = Path(tmp)
-                runs = {
-                    "ray_paper": prepare_shards(paths, work, max_side=None, min_rows=min_rows),
-                    "ray_paper_320": prepare_shards(
-                        paths, work, max_side=RE_ENCODE_MAX_SIDE, min_rows=min_rows
-                    ),
-                }
-            for name, uri in runs.items():
-                rate, count, cpu = measure_ray(uri, split, batch_size=batch_size, seconds=seconds)
-                # Per CPU: images per CPU second of the driver and every local Ray process when
-                # this run started Ray (robust to other load), else wall rate / cluster CPUs.
-                per_cpu = count / cpu if started and cpu else rate / cpus
-                how = "per CPU second, all Ray processes" if started and cpu else "per CPU"
-                rates[name] = rate
-                rates[f"{name}_per_cpu"] = per_cpu
-                print(
-                    f"  {name:<22} {rate:8.1f} img/s end to end on {cpus:g} CPUs "
-                    f"({count} images, Ray Data); {per_cpu:.1f} img/s {how}",
-                    flush=True,
-                )
-                _print_ratio(f"{name}_per_cpu", per_cpu / rates[BASELINE])
-    finally:
-        if started:
-            ray.shutdown()
+    with ray_session(num_cpus=num_cpus, dashboard=False) as started:
+        ray_rates(rates, paths, shards, split, batch_size, seconds, min_rows, started)
     for name, target in TARGETS.items():
         print(target_line(name, BASELINE, target, rates[name] / rates[BASELINE]))
     return rates
+
+
+def ray_rates(
+    rates: dict[str, float],
+    paths: Sequence[Path],
+    shards: Sequence[str] | None,
+    split: str,
+    batch_size: int,
+    seconds: float,
+    min_rows: int,
+    started: bool,
+) -> None:
+    """Add the Ray Data runs' rates to ``rates`` (Ray must be up; ``started``: by this run)."""
+    import ray
+
+    cpus = ray.cluster_resources().get("CPU", 1.0)
+    with tempfile.TemporaryDirectory(prefix="resnet-bench-") as tmp:
+        if shards:
+            runs = {f"ray_{Path(uri).name}": uri for uri in shards}
+        else:
+            runs = {
+                "ray_paper": image_dataset(paths, Path(tmp), train_rows=min_rows),
+                "ray_paper_320": image_dataset(
+                    paths, Path(tmp), train_rows=min_rows, max_side=RE_ENCODE_MAX_SIDE
+                ),
+            }
+        for name, uri in runs.items():
+            rate, count, cpu = measure_ray(uri, split, batch_size=batch_size, seconds=seconds)
+            # Per CPU: images per CPU second of the driver and every local Ray process when
+            # this run started Ray (robust to other load), else wall rate / cluster CPUs.
+            per_cpu = count / cpu if started and cpu else rate / cpus
+            how = "per CPU second, all Ray processes" if started and cpu else "per CPU"
+            rates[name] = rate
+            rates[f"{name}_per_cpu"] = per_cpu
+            print(
+                f"  {name:<22} {rate:8.1f} img/s end to end on {cpus:g} CPUs "
+                f"({count} images, Ray Data); {per_cpu:.1f} img/s {how}",
+                flush=True,
+            )
+            _print_ratio(f"{name}_per_cpu", per_cpu / rates[BASELINE])
 
 
 def _print_ratio(name: str, ratio: float) -> None:

@@ -5,17 +5,18 @@ job fed from JPEG shards, for each decode path, in one run.
     resnet-bench gpu --images DIR --compile --decode device --decode-cpus 4
 
 - ``synthetic_ceiling``: a bare loop in this process on one random uint8 (N, 224, 224, 3) batch
-  already on the GPU: ``to_float_batch`` -> the job's model (``imagenet-fast``: ResNet-50 v1.5,
-  zero-init residual BN) -> label-smoothed loss -> SGD step, with the job's bf16 autocast,
-  channels_last and optional ``torch.compile``. No input pipeline: what the GPU can do.
-- ``e2e_cpu`` / ``e2e_device``: the training job itself (:func:`pipelines.train.run_training`, one
+  already on the GPU, calling the job's own training step (:func:`pipelines.job.parts.
+  build_training`: normalise -> the job's model (``imagenet-fast``: ResNet-50 v1.5, zero-init
+  residual BN) -> label-smoothed loss -> SGD step, with the job's bf16 autocast, channels_last
+  and optional ``torch.compile``). No input pipeline: what the GPU can do.
+- ``e2e_cpu`` / ``e2e_device``: the training job itself (:func:`pipelines.job.trainer.run_training`, one
   GPU worker reserving 2 CPUs, the same model, batch and settings) on shards that resnet-prepare
   writes from ``--images`` (repeated to ``--steps x --batch-size`` training rows), Inception crops
   from full-size JPEGs. ``cpu``: Ray Data tasks decode and crop (``data.decode_device=cpu``);
   ``device``: the tasks only plan the crops and the worker decodes each batch with nvJPEG
   (``data.decode_device=device``), for GPU nodes short of CPU cores. ``--decode-cpus N`` caps the
   decode tasks at N CPUs (default: every free CPU) to play such a node. Figures are the
-  job's own throughput windows after ``--warmup`` steps (:func:`pipelines.bench.train.measure_job`).
+  job's own throughput windows after ``--warmup`` steps (:func:`pipelines.bench.common.measure_job`).
 
 Prints ``ratio e2e_<path>/synthetic_ceiling`` per path and the issue's targets: end to end >= 0.9x
 the ceiling of the same run, and a ceiling >= 3,000 img/s (one H200, ResNet-50, bf16). Where no
@@ -25,21 +26,31 @@ CUDA device exists it prints one line and exits 0.
 from __future__ import annotations
 
 import argparse
-import contextlib
-import io
 import os
 import tempfile
 import time
+from collections.abc import Callable
 from dataclasses import replace
 from pathlib import Path
 
 import torch
-from torch import Tensor, nn
+from torch import Tensor
 
-from pipelines.bench.common import BenchError, ratio_line, target_line
-from pipelines.config import JobConfig
-from resnet_core.models import create_model, is_cifar_model
-from resnet_core.transforms import IMAGENET_MEAN_RGB, IMAGENET_STD_RGB, to_float_batch
+from pipelines.bench.common import (
+    BenchError,
+    bench_config,
+    find_images,
+    image_dataset,
+    measure_job,
+    ratio_line,
+    target_line,
+)
+from pipelines.config import ConfigError, JobConfig, validate
+from pipelines.job.parts import build_training
+from pipelines.job.session import local_cpus, ray_session
+from pipelines.manifest import Manifest, read_manifest
+from pipelines.recipes import build_recipe
+from resnet_core.models import is_cifar_model
 
 SKIP_LINE = "resnet-bench gpu: no CUDA device on this machine: skipped"
 CEILING = "synthetic_ceiling"
@@ -114,23 +125,6 @@ def check_args(args: argparse.Namespace) -> None:
 # ---------------------------------------------------------------------------------------------
 
 
-def build_training(
-    config: JobConfig, num_classes: int, device: torch.device, *, channels_last: bool
-) -> tuple[nn.Module, torch.optim.Optimizer, nn.Module]:
-    """The job's model, SGD optimizer and loss for one worker, as ``train_loop_per_worker``
-    builds them (``torch.compile`` when ``config.train.compile``)."""
-    from pipelines.train import make_optimizer, model_options
-
-    t, o = config.train, config.optim
-    torch.manual_seed(t.seed)
-    model = create_model(config.model.name, num_classes=num_classes, **model_options(config))
-    model = model.to(device, memory_format=torch.channels_last if channels_last else None)
-    optimizer = make_optimizer(model, config)
-    if t.compile:
-        model = torch.compile(model)
-    return model, optimizer, nn.CrossEntropyLoss(label_smoothing=o.label_smoothing)
-
-
 def synthetic_batch(
     batch_size: int, image_size: int, num_classes: int, device: torch.device
 ) -> tuple[Tensor, Tensor]:
@@ -142,55 +136,23 @@ def synthetic_batch(
     return images.to(device), labels.to(device)
 
 
-def train_step(
-    model: nn.Module,
-    optimizer: torch.optim.Optimizer,
-    criterion: nn.Module,
-    images: Tensor,
-    labels: Tensor,
-    *,
-    channels_last: bool,
-    bf16: bool,
-) -> Tensor:
-    """One step of the job's loop on a uint8 batch already on the device: normalise (ImageNet
-    statistics, as imagenet-fast) -> forward under bf16 autocast -> loss -> backward -> SGD."""
-    x = to_float_batch(
-        images, mean=IMAGENET_MEAN_RGB, std=IMAGENET_STD_RGB, channels_last=channels_last
-    )
-    autocast = (
-        torch.autocast(images.device.type, dtype=torch.bfloat16)
-        if bf16
-        else contextlib.nullcontext()
-    )
-    with autocast:
-        loss = criterion(model(x), labels)
-    optimizer.zero_grad(set_to_none=True)
-    loss.backward()
-    optimizer.step()
-    return loss.detach()
-
-
 def measure_ceiling(
-    model: nn.Module,
-    optimizer: torch.optim.Optimizer,
-    criterion: nn.Module,
+    step: Callable[[Tensor, Tensor], object],
     images: Tensor,
     labels: Tensor,
     *,
     steps: int,
     warmup: int,
-    channels_last: bool,
-    bf16: bool,
 ) -> float:
-    """Images/s of ``train_step`` on one resident batch over ``steps - warmup`` timed steps;
-    the device is synchronised before and after the timed steps (kernels run asynchronously)."""
-    step = (model, optimizer, criterion, images, labels)
+    """Images/s of the training ``step`` on one resident batch over ``steps - warmup`` timed
+    steps; the device is synchronised before and after the timed steps (kernels run
+    asynchronously)."""
     for _ in range(warmup):  # cuDNN algorithm choice, allocator growth, torch.compile
-        train_step(*step, channels_last=channels_last, bf16=bf16)
+        step(images, labels)
     _synchronize(images.device)
     started = time.perf_counter()
     for _ in range(steps - warmup):
-        train_step(*step, channels_last=channels_last, bf16=bf16)
+        step(images, labels)
     _synchronize(images.device)
     return (steps - warmup) * images.shape[0] / (time.perf_counter() - started)
 
@@ -225,10 +187,6 @@ def e2e_config(
     test) for ``steps`` steps of ``batch`` images, reporting every ``warmup`` steps, decoding
     with ``decode_device``; ``decode_cpus`` caps the decode tasks (one CPU each) at that many
     (None: as many as Ray can run). Validated like resnet-train's config (BenchError if not)."""
-    from pipelines.bench.train import bench_config
-    from pipelines.config import ConfigError, validate
-    from pipelines.recipes import build_recipe
-
     config = bench_config(
         build_recipe(RECIPE, model),
         uri=uri,
@@ -254,44 +212,15 @@ def e2e_config(
         scale=replace(config.scale, use_gpu=use_gpu, gpus_per_worker=1.0),
     )
     try:
-        validate(config, model_names_ok=lambda name: name == model)  # checked by check_args
+        validate(config)
     except ConfigError as e:
         raise BenchError(str(e)) from None
     return config
 
 
-def prepare_shards(image_paths: list[Path], *, src: Path, out: Path, train_rows: int) -> None:
-    """Write a dataset to ``out`` with resnet-prepare (its output hidden; Ray must be up) from a
-    tree of links made in ``src``, one class per source image: split "train" holds the images
-    repeated to at least ``train_rows`` rows, "val" each image once (the job evaluates at its
-    end)."""
-    from pipelines import prepare
-
-    for split, copies in (("train", -(-train_rows // len(image_paths))), ("val", 1)):
-        for i, path in enumerate(image_paths):
-            folder = src / split / f"c{i:05d}"
-            folder.mkdir(parents=True)
-            for copy in range(copies):
-                (folder / f"{copy:05d}{path.suffix.lower()}").symlink_to(path.resolve())
-    log = io.StringIO()
-    with contextlib.redirect_stdout(log), contextlib.redirect_stderr(log):
-        status = prepare.main(
-            ["folder", "--src", str(src), "--out", str(out), "--max-skipped", "0.5"]
-        )
-    if status != 0:
-        raise BenchError(f"resnet-prepare failed on {src} (exit {status}):\n{log.getvalue()}")
-
-
 def run_gpu_bench(args: argparse.Namespace, images: Path, device: torch.device) -> dict[str, float]:
     """Run ``resnet-bench gpu`` with the ceiling and the job's worker on ``device`` (CUDA; a CPU
     in the test): print the figures, ratios and targets; return images/s by name."""
-    import ray
-
-    from pipelines import train
-    from pipelines.bench.data import find_images
-    from pipelines.bench.train import measure_job
-    from pipelines.manifest import read_manifest
-
     paths = find_images(images)
     channels_last = not args.no_channels_last
     device_name = torch.cuda.get_device_name(device) if device.type == "cuda" else "CPU"
@@ -304,10 +233,9 @@ def run_gpu_bench(args: argparse.Namespace, images: Path, device: torch.device) 
         flush=True,
     )
     with tempfile.TemporaryDirectory(prefix="resnet-bench-gpu-") as tmp:
-        shards = Path(tmp, "shards")
         configs = {
             f"e2e_{path}": e2e_config(
-                str(shards),
+                str(Path(tmp, "shards")),
                 model=args.model,
                 image_size=args.image_size,
                 batch=args.batch_size,
@@ -325,38 +253,14 @@ def run_gpu_bench(args: argparse.Namespace, images: Path, device: torch.device) 
         }
         first = next(iter(configs.values()))
         started = time.perf_counter()
-        connected = train.start_ray(first, address=None)
-        notes = [f"Ray {time.perf_counter() - started:.1f} s"]
-        try:
-            train_rows = args.steps * args.batch_size
-            prepare_shards(paths, src=Path(tmp, "src"), out=shards, train_rows=train_rows)
-            rates = {
-                CEILING: ceiling(
-                    first,
-                    device,
-                    num_classes=read_manifest(str(shards)).num_classes,
-                    steps=args.steps,
-                    warmup=args.warmup,
-                )
-            }
-            print(
-                f"  {CEILING:<18} {rates[CEILING]:8.1f} img/s   one uint8 batch resident on the "
-                "device, no input pipeline",
-                flush=True,
-            )
-            decoders = args.decode_cpus or "every free one"
-            for name, config in configs.items():
-                job = measure_job(config, warmup_steps=args.warmup)
-                rates[name] = job.images_per_s
-                notes.append(f"{name} job start to first step {job.startup_s:.1f} s")
-                print(
-                    f"  {name:<18} {job.images_per_s:8.1f} img/s   waiting for data "
-                    f"{job.data_wait_share:6.1%} of step time (decode CPUs: {decoders})",
-                    flush=True,
-                )
-        finally:
-            if connected:
-                ray.shutdown()
+        with ray_session(
+            num_cpus=local_cpus(first.scale.cpus_per_worker + first.data.decode_cpus),
+            gpus_needed=1 if device.type == "cuda" else 0,
+            gpus_for="resnet-bench gpu",
+        ):
+            notes = [f"Ray {time.perf_counter() - started:.1f} s"]
+            image_dataset(paths, Path(tmp), train_rows=args.steps * args.batch_size)
+            rates = measure_all(configs, args, device, notes)
     for name in configs:
         print(ratio_line(name, CEILING, rates[name] / rates[CEILING]))
     for name in configs:
@@ -366,31 +270,44 @@ def run_gpu_bench(args: argparse.Namespace, images: Path, device: torch.device) 
     return rates
 
 
+def measure_all(
+    configs: dict[str, JobConfig], args: argparse.Namespace, device: torch.device, notes: list
+) -> dict[str, float]:
+    """The ceiling, then the job for each decode path (Ray must be up); images/s by name."""
+    first = next(iter(configs.values()))
+    manifest = read_manifest(first.data.uri)
+    rates = {CEILING: ceiling(first, manifest, device, steps=args.steps, warmup=args.warmup)}
+    print(
+        f"  {CEILING:<18} {rates[CEILING]:8.1f} img/s   one uint8 batch resident on the "
+        "device, no input pipeline",
+        flush=True,
+    )
+    decoders = args.decode_cpus or "every free one"
+    for name, config in configs.items():
+        job = measure_job(config, warmup_steps=args.warmup)
+        rates[name] = job.images_per_s
+        notes.append(f"{name} job start to first step {job.startup_s:.1f} s")
+        print(
+            f"  {name:<18} {job.images_per_s:8.1f} img/s   waiting for data "
+            f"{job.data_wait_share:6.1%} of step time (decode CPUs: {decoders})",
+            flush=True,
+        )
+    return rates
+
+
 def ceiling(
-    config: JobConfig, device: torch.device, *, num_classes: int, steps: int, warmup: int
+    config: JobConfig, manifest: Manifest, device: torch.device, *, steps: int, warmup: int
 ) -> float:
     """The synthetic ceiling of ``config``'s model, batch, precision, layout and compile setting
-    on ``device`` in this process; frees the GPU memory it used (the Train worker is another
-    process)."""
+    on ``device`` in this process: the job's own training step on one resident batch. Frees the
+    GPU memory it used (the Train worker is another process)."""
     t, d = config.train, config.data
-    model, optimizer, criterion = build_training(
-        config, num_classes, device, channels_last=t.channels_last
-    )
-    images, labels = synthetic_batch(t.global_batch, d.image_size, num_classes, device)
+    training = build_training(config, manifest, device)
+    images, labels = synthetic_batch(t.global_batch, d.image_size, manifest.num_classes, device)
     try:
-        return measure_ceiling(
-            model,
-            optimizer,
-            criterion,
-            images,
-            labels,
-            steps=steps,
-            warmup=warmup,
-            channels_last=t.channels_last,
-            bf16=t.precision == "bf16",
-        )
+        return measure_ceiling(training.step, images, labels, steps=steps, warmup=warmup)
     finally:
-        del model, optimizer, criterion, images, labels
+        del training, images, labels
         if device.type == "cuda":
             torch.cuda.empty_cache()
 

@@ -32,6 +32,7 @@ the end of every epoch (``/proc/self/statm``). Also checked on every batch: it a
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import math
 import os
@@ -42,8 +43,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from pipelines.bench.common import BenchError, ratio_line
-from pipelines.config import DataConfig
+from pipelines.bench.common import BenchError, find_images, image_dataset, ratio_line
+from pipelines.config import JobConfig, from_dict, to_dict
+from pipelines.job.checkpoints import CHECKPOINT_SCORE
+from pipelines.job.session import ray_session
+from pipelines.manifest import read_manifest
 from pipelines.recipes import build_recipe
 
 MIB = 1024 * 1024
@@ -101,38 +105,45 @@ def run(args: argparse.Namespace) -> None:
             f"--epoch-factor {args.epoch_factor}, --batch-size {args.batch_size} and "
             f"--image-size {args.image_size} must be positive, --step-ms {args.step_ms} >= 0"
         )
-    import ray
-
-    from pipelines.bench.data import find_images, prepare_shards
-    from pipelines.manifest import read_manifest
-    from pipelines.train import init_local_ray, quiet_framework_logs
-
     paths = find_images(Path(args.images))
     crop_bytes = args.image_size * args.image_size * 3
     store = args.store_mb * MIB
     rows = max(args.batch_size, math.ceil(args.epoch_factor * store / crop_bytes))
-    with tempfile.TemporaryDirectory(prefix="resnet-bench-memory-") as tmp:
-        init_local_ray(args.num_cpus or os.cpu_count() or 1, object_store_memory=store)
-        quiet_framework_logs()
-        try:
-            uri = prepare_shards(paths, Path(tmp), max_side=None, min_rows=rows)
-            manifest = read_manifest(uri)
-            split = manifest.split("train")
-            shard_bytes = sum(s.num_bytes for s in split.shards)
-            epoch_bytes = (split.num_rows // args.batch_size) * args.batch_size * crop_bytes
-            print(
-                f"resnet-bench memory: {split.num_rows} rows, {shard_bytes / MIB:.0f} MiB of "
-                f"shards; one epoch is {epoch_bytes / MIB:.0f} MiB of {args.image_size}px uint8 "
-                f"crops; object store {args.store_mb} MiB; shuffle buffer {args.shuffle_buffer} "
-                f"rows = {args.shuffle_buffer * crop_bytes / MIB:.0f} MiB of crops",
-                flush=True,
-            )
-            with StorePoller() as poller:
-                epochs = stream_epochs(uri, args)
-            stats = poller.stats
-        finally:
-            ray.shutdown()
-    report(epochs, stats, epoch_bytes=epoch_bytes, shard_bytes=shard_bytes)
+    cpus = args.num_cpus or os.cpu_count() or 1
+    with (
+        tempfile.TemporaryDirectory(prefix="resnet-bench-memory-") as tmp,
+        ray_session(num_cpus=cpus, object_store_memory=store),
+    ):
+        uri = image_dataset(paths, Path(tmp), train_rows=rows)
+        split = read_manifest(uri).split("train")
+        shard_bytes = sum(s.num_bytes for s in split.shards)
+        epoch_bytes = (split.num_rows // args.batch_size) * args.batch_size * crop_bytes
+        print(
+            f"resnet-bench memory: {split.num_rows} rows, {shard_bytes / MIB:.0f} MiB of "
+            f"shards; one epoch is {epoch_bytes / MIB:.0f} MiB of {args.image_size}px uint8 "
+            f"crops; object store {args.store_mb} MiB; shuffle buffer {args.shuffle_buffer} "
+            f"rows = {args.shuffle_buffer * crop_bytes / MIB:.0f} MiB of crops",
+            flush=True,
+        )
+        with StorePoller() as poller:
+            epochs = stream_epochs(consumer_config(uri, args, Path(tmp)), args.step_ms / 1000)
+    report(epochs, poller.stats, epoch_bytes=epoch_bytes, shard_bytes=shard_bytes)
+
+
+def consumer_config(uri: str, args: argparse.Namespace, workdir: Path) -> JobConfig:
+    """The ImageNet paper recipe's reader settings on ``uri``, one worker of one CPU."""
+    config = build_recipe("imagenet-paper")
+    return dataclasses.replace(
+        config,
+        data=dataclasses.replace(
+            config.data, uri=uri, image_size=args.image_size, shuffle_buffer=args.shuffle_buffer
+        ),
+        train=dataclasses.replace(config.train, global_batch=args.batch_size, epochs=args.epochs),
+        scale=dataclasses.replace(config.scale, num_workers=1, use_gpu=False, cpus_per_worker=1.0),
+        run=dataclasses.replace(
+            config.run, name="bench-memory", storage_path=str(workdir / "runs")
+        ),
+    )
 
 
 def report(
@@ -209,66 +220,53 @@ class StorePoller:
         st.fallback_peak = max(st.fallback_peak, int(s.object_store_bytes_fallback))
 
 
-def stream_epochs(uri: str, args: argparse.Namespace) -> list[dict[str, float]]:
-    """Run the consumer in a one-worker TorchTrainer; its per-epoch figures."""
-    from ray.train import RunConfig, ScalingConfig
-    from ray.train.torch import TorchTrainer
+def stream_epochs(config: JobConfig, step_s: float) -> list[dict[str, float]]:
+    """Run the consumer in the job's TorchTrainer (one worker); its per-epoch figures."""
+    from pipelines.job.trainer import build_trainer
 
-    with tempfile.TemporaryDirectory(prefix="resnet-bench-memory-runs-") as storage:
-        trainer = TorchTrainer(
-            consume_epochs,
-            train_loop_config={
-                "uri": uri,
-                "epochs": args.epochs,
-                "batch_size": args.batch_size,
-                "image_size": args.image_size,
-                "step_s": args.step_ms / 1000,
-                "shuffle_buffer": args.shuffle_buffer,
-            },
-            scaling_config=ScalingConfig(num_workers=1, resources_per_worker={"CPU": 1}),
-            run_config=RunConfig(name="bench-memory", storage_path=storage),
-        )
-        result = trainer.fit()
-        # Ray Train V2 keeps only the metrics reported with a checkpoint.
-        return json.loads(Path(result.checkpoint.path, EPOCHS_FILE).read_text())
+    trainer = build_trainer(
+        config, loop=consume_epochs, loop_config={"config": to_dict(config), "step_s": step_s}
+    )
+    result = trainer.fit()
+    # Ray Train V2 keeps only the metrics reported with a checkpoint.
+    return json.loads(Path(result.checkpoint.path, EPOCHS_FILE).read_text())
 
 
 def consume_epochs(loop_config: dict[str, Any]) -> None:
     """The Train worker: the job's reader, epoch after epoch, each batch made float on the
-    device and dropped; RSS at every epoch end."""
+    device (the job's input normalisation) and dropped; RSS at every epoch end."""
     import ray.train
     import ray.train.torch
     import torch
 
     from pipelines import data as data_lib
+    from pipelines.job.parts import decode_options, normalization
+    from pipelines.job.session import quiet_ray_logs
     from pipelines.manifest import read_manifest
-    from pipelines.train import quiet_framework_logs
-    from resnet_core.transforms import IMAGENET_MEAN_RGB, to_float_batch
+    from resnet_core.transforms import Normalize
 
-    quiet_framework_logs()
+    quiet_ray_logs()
+    config: JobConfig = from_dict(JobConfig, loop_config["config"])
     device = ray.train.torch.get_device()
-    manifest = read_manifest(loop_config["uri"])
-    mean = torch.tensor(IMAGENET_MEAN_RGB, device=device)
+    manifest = read_manifest(config.data.uri)
+    normalize = Normalize(*normalization(config, manifest)).to(device)
+    options = decode_options(config, mode=config.data.augment, device=device)
     epochs = []
-    for epoch in range(loop_config["epochs"]):
+    for epoch in range(config.train.epochs):
         started = time.perf_counter()
         batches = images = uint8 = 0
         for batch, _labels in data_lib.iter_batches(
             manifest,
+            options,
             split="train",
-            mode="paper",
             world_size=1,
             rank=0,
             epoch=epoch,
             seed=0,
-            batch_size=loop_config["batch_size"],
-            image_size=loop_config["image_size"],
-            prefetch_batches=DataConfig.prefetch_batches,
-            local_shuffle_buffer_size=loop_config["shuffle_buffer"] or None,
-            pin_memory=device.type == "cuda",
+            batch_size=config.train.global_batch,
         ):
             uint8 += batch.dtype == torch.uint8 and batch.shape[-1] == 3
-            x = to_float_batch(batch.to(device, non_blocking=True), mean=mean)
+            x = normalize(batch.to(device, non_blocking=True))
             del x
             if loop_config["step_s"]:
                 time.sleep(loop_config["step_s"])
@@ -286,7 +284,8 @@ def consume_epochs(loop_config: dict[str, Any]) -> None:
         )
     with tempfile.TemporaryDirectory() as folder:
         Path(folder, EPOCHS_FILE).write_text(json.dumps(epochs))
-        ray.train.report({}, checkpoint=ray.train.Checkpoint.from_directory(folder))
+        checkpoint = ray.train.Checkpoint.from_directory(folder)
+        ray.train.report({CHECKPOINT_SCORE: 0.0}, checkpoint=checkpoint)
 
 
 def rss_bytes() -> int:

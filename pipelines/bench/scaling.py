@@ -25,7 +25,6 @@ from __future__ import annotations
 
 import argparse
 import math
-import socket
 import statistics
 import time
 from collections.abc import Sequence
@@ -37,8 +36,11 @@ import torch
 from torch import Tensor, nn
 
 from pipelines.bench.common import BenchError, print_machine, ratio_line
+from pipelines.job.session import free_loopback_port
 from resnet_core.models import create_model, is_cifar_model
+from resnet_core.step import TrainStep
 from resnet_core.summary import summarize
+from resnet_core.transforms import CIFAR10_MEAN_RGB, Normalize
 
 # --- Anchors and defaults (each default is a command-line option) ------------------------------
 # NVIDIA DeepLearningExamples, PyTorch ResNet-50 v1.5, "Training performance: NVIDIA DGX A100
@@ -537,18 +539,10 @@ class Validation:
         return self.compute_s + self.comm_s
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def _train_step(
-    model: nn.Module, optimizer: torch.optim.Optimizer, images: Tensor, labels: Tensor
-) -> None:
-    optimizer.zero_grad(set_to_none=True)
-    nn.functional.cross_entropy(model(images), labels).backward()
-    optimizer.step()
+def _train_step(model: nn.Module) -> TrainStep:
+    """The job's training step (normalise, forward, loss, backward, SGD) on ``model``."""
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9)
+    return TrainStep(model, optimizer, nn.CrossEntropyLoss(), Normalize(CIFAR10_MEAN_RGB))
 
 
 def _ddp_communication(buffers: Sequence[Tensor], buckets: Sequence[Tensor]) -> None:
@@ -562,10 +556,6 @@ def _ddp_communication(buffers: Sequence[Tensor], buckets: Sequence[Tensor]) -> 
         dist.all_reduce(tensor)
 
 
-def _sgd(model: nn.Module) -> torch.optim.Optimizer:
-    return torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9)
-
-
 def _time_phases(rank: int, batch: int, *, steps: int, rounds: int) -> Validation:
     """Phases (a), (b), (c) for one batch size take turns in ``rounds`` rounds, so a change of
     machine load hits them alike; a barrier starts every timed step on both ranks."""
@@ -575,15 +565,15 @@ def _time_phases(rank: int, batch: int, *, steps: int, rounds: int) -> Validatio
     plain = create_model(VALIDATE_MODEL)
     ddp = nn.parallel.DistributedDataParallel(create_model(VALIDATE_MODEL))
     generator = torch.Generator().manual_seed(rank)
-    images = torch.randn(batch, 3, 32, 32, generator=generator)
+    images = torch.randint(0, 256, (batch, 32, 32, 3), dtype=torch.uint8, generator=generator)
     labels = torch.randint(0, 10, (batch,), generator=generator)
     cost = model_cost(VALIDATE_MODEL)
     buffers = [torch.zeros(nbytes, dtype=torch.uint8) for nbytes in cost.buffers]
     buckets = [torch.zeros(nbytes // 4) for nbytes in cost.buckets]
     phases = {
-        "compute": partial(_train_step, plain, _sgd(plain), images, labels),
+        "compute": partial(_train_step(plain), images, labels),
         "comm": partial(_ddp_communication, buffers, buckets),
-        "ddp": partial(_train_step, ddp, _sgd(ddp), images, labels),
+        "ddp": partial(_train_step(ddp), images, labels),
     }
     times: dict[str, list[float]] = {name: [] for name in phases}
     for fn in phases.values():  # warm-up: allocations, DDP's bucket rebuild after step 1
@@ -635,7 +625,7 @@ def measure_validation(batches: Sequence[int], *, steps: int, rounds: int) -> li
     results = mp.get_context("spawn").SimpleQueue()
     mp.start_processes(
         _validate_worker,
-        args=(_free_port(), list(batches), steps, rounds, results),
+        args=(free_loopback_port(), list(batches), steps, rounds, results),
         nprocs=2,
         join=True,
         start_method="spawn",

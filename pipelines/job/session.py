@@ -46,10 +46,13 @@ def ray_session(
     object_store_memory: int | None = None,
     gpus_needed: float = 0.0,
     gpus_for: str = "the job",
+    dashboard: bool = True,
 ) -> Iterator[bool]:
     """Connect to Ray for the duration; yields True when this call connected.
 
     ``num_cpus`` / ``object_store_memory``: a local Ray's size (default: this machine).
+    ``dashboard=False``: a local Ray without it, for work that runs no Train job and counts
+    CPU seconds (``resnet-bench data``).
     ``gpus_needed``: ConfigError (and nothing left running) when the cluster, even scaled up by
     its autoscaler, has fewer; ``gpus_for`` names what needs them in that message.
     """
@@ -67,6 +70,7 @@ def ray_session(
         ray.init(
             num_cpus=num_cpus or local_cpus(0),
             object_store_memory=object_store_memory,
+            include_dashboard=dashboard,
             dashboard_host="127.0.0.1",
             dashboard_port=port,
             runtime_env={"env_vars": {"RAY_API_SERVER_ADDRESS": f"http://127.0.0.1:{port}"}},

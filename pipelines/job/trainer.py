@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import contextlib
 import signal
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
 from pipelines import storage, tracking
@@ -23,13 +23,19 @@ class TrainingInterrupted(Exception):
 
 
 def build_trainer(
-    config: JobConfig, callbacks: Sequence[Any], extensions: Sequence[Extension] = ()
+    config: JobConfig,
+    callbacks: Sequence[Any] = (),
+    extensions: Sequence[Extension] = (),
+    *,
+    loop: Callable[[dict[str, Any]], None] = train_loop_per_worker,
+    loop_config: dict[str, Any] | None = None,
 ) -> Any:
     """The TorchTrainer of ``config``: its workers and resources, checkpoint storage (local or
     S3), worker-group restarts, and the checkpoints kept (the best ``train.keep_checkpoints`` by
     validation top-1, plus the latest, which Ray never deletes). ``callbacks``: Ray Train
     ``UserCallback``s (the MLflow writer, Tune's reporter); ``extensions``: features added to
-    the loop (:class:`~pipelines.job.runner.Extension`)."""
+    the loop (:class:`~pipelines.job.runner.Extension`). ``loop`` / ``loop_config``: another
+    per-worker function and its argument (a benchmark's), instead of the training loop."""
     import pyarrow.fs as pafs
     from ray.train import CheckpointConfig, FailureConfig, LoggingConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
@@ -37,9 +43,11 @@ def build_trainer(
     fs, path = storage.resolve(config.run.storage_path)
     storage_fs = None if isinstance(fs, pafs.LocalFileSystem) else fs
     sc = config.scale
+    if loop_config is None:
+        loop_config = {"config": to_dict(config), "extensions": list(extensions)}
     return TorchTrainer(
-        train_loop_per_worker,
-        train_loop_config={"config": to_dict(config), "extensions": list(extensions)},
+        loop,
+        train_loop_config=loop_config,
         scaling_config=ScalingConfig(
             num_workers=sc.num_workers,
             use_gpu=sc.use_gpu,
