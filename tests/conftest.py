@@ -10,21 +10,19 @@ import pytest
 
 
 @pytest.fixture(scope="module")
-def ray_local() -> Iterator[object]:
-    """A local Ray (2 CPUs, no dashboard, no token auth) shared by one test module.
+def ray_local() -> Iterator[None]:
+    """A local Ray (2 CPUs, no token auth) shared by one test module, started the commands' way
+    (``ray_session``: dashboard on loopback for Ray Train's state queries), shut down after.
 
     Ray workers inherit the environment of the moment Ray starts: request fixtures that set
     environment variables for workers (such as ``s3_server``) before this one.
     """
-    import ray
+    from pipelines.job.session import ray_session
 
     with pytest.MonkeyPatch.context() as env:
         env.setenv("RAY_AUTH_MODE", "disabled")
-        context = ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
-        try:
-            yield context
-        finally:
-            ray.shutdown()
+        with ray_session(num_cpus=2):
+            yield
 
 
 def _free_port() -> int:

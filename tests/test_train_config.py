@@ -270,3 +270,28 @@ def test_no_usable_checkpoint_refuses_to_start_from_scratch(tmp_path):
     ):
         restore_latest(Checkpoint(str(tmp_path / names[8])), model, optimizer)
     assert torch.all(model.fc.weight == 0)  # untouched
+
+
+# ---------------------------------------------------------------------------------------------
+# The schedule a config builds (epochs become steps with the run's step plan)
+# ---------------------------------------------------------------------------------------------
+
+
+def test_schedule_from_the_config_converts_epochs_to_steps_and_scales_the_rate():
+    from pipelines.job.parts import StepPlan, make_schedule
+
+    config = apply_overrides(
+        build_recipe("imagenet-fast"),
+        [
+            "schedule.kind=multistep",
+            "schedule.milestones=(500,)",
+            "schedule.milestone_epochs=(2,)",
+            "schedule.warmup_epochs=0.5",
+            "train.global_batch=512",
+        ],
+    )
+    schedule = make_schedule(config, StepPlan(steps_per_epoch=100, total_steps=1000, epochs=10))
+    assert schedule.base_lr == pytest.approx(0.2)  # 0.1 per 256 images, batch 512
+    assert schedule.milestones == (200, 500)  # epoch 2 at 100 steps per epoch, sorted
+    assert schedule.warmup_steps == 50
+    assert schedule.total_steps == 1000

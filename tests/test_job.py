@@ -1,0 +1,173 @@
+"""The job core end to end on a local Ray: a compiled run (torch.compile's inductor runs on CPU)
+whose worker fails once and resumes from its checkpoint, extensions plugged into the runner, the
+final model from a compiled net, and resnet-eval on the run's checkpoints."""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+from mlflow.tracking import MlflowClient
+
+from pipelines import evaluate, shards, tracking
+from pipelines.config import JobConfig, validate
+from pipelines.job.checkpoints import CHECKPOINT_NAME
+from pipelines.job.checks import check_dataset
+from pipelines.job.runner import Extension, TrainLoopRunner
+from pipelines.job.trainer import run_training
+from pipelines.recipes import build_recipe
+from pipelines.synthetic import SyntheticSpec
+from resnet_core.checkpoint import load_checkpoint, load_weights
+from resnet_core.models import create_model
+from resnet_core.step import StepResult
+
+pytestmark = pytest.mark.slow
+
+CLASSES, TRAIN_PER_CLASS, VAL_PER_CLASS = 4, 24, 4
+BATCH, EPOCHS = 32, 2
+STEPS_PER_EPOCH = CLASSES * TRAIN_PER_CLASS // BATCH  # 3
+FAIL_AT_STEP = 5  # after the mid-epoch checkpoint at step 4 (epoch 2, one batch in)
+
+
+class StepCounter(Extension):
+    """Counts the steps it saw, reports the count, keeps it in checkpoints."""
+
+    key = "step_counter"
+
+    def __init__(self) -> None:
+        self.before = self.after = 0
+
+    def before_step(self, runner: TrainLoopRunner) -> None:
+        assert runner.step == self.before  # called before the step is counted
+        self.before += 1
+
+    def after_step(self, runner: TrainLoopRunner, result: StepResult) -> None:
+        assert result.logits.shape == (BATCH, CLASSES)
+        self.after += 1
+
+    def on_report(self, runner: TrainLoopRunner, metrics: dict[str, Any]) -> None:
+        metrics["ext/steps_seen"] = self.after
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"before": self.before, "after": self.after}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.before, self.after = state["before"], state["after"]
+
+
+class FailOnce(Extension):
+    """Kills the first worker group at a step (as a crashed worker would)."""
+
+    def __init__(self, marker: str) -> None:
+        self.marker = marker
+
+    def after_step(self, runner: TrainLoopRunner, result: StepResult) -> None:
+        if runner.step == FAIL_AT_STEP and not Path(self.marker).exists():
+            Path(self.marker).touch()
+            raise RuntimeError("injected worker failure")
+
+
+@pytest.fixture(scope="module")
+def mlflow_uri(tmp_path_factory) -> Iterator[str]:
+    uri = f"sqlite:///{tmp_path_factory.mktemp('mlflow') / 'mlflow.db'}"
+    with pytest.MonkeyPatch.context() as env:
+        env.setenv("MLFLOW_TRACKING_URI", uri)
+        yield uri
+
+
+@pytest.fixture(scope="module")
+def dataset(ray_local, tmp_path_factory) -> str:
+    out = tmp_path_factory.mktemp("data") / "tiny"
+    spec = SyntheticSpec(CLASSES, TRAIN_PER_CLASS, VAL_PER_CLASS, "cifar")
+    assert shards.write_dataset(shards.prepare_config("synthetic", str(out), synthetic=spec)) == 0
+    return str(out)
+
+
+def _config(dataset: str, storage: Path, **train: Any) -> JobConfig:
+    base = build_recipe("demo")
+    config = dataclasses.replace(
+        base,
+        data=dataclasses.replace(base.data, uri=dataset, shuffle_buffer=0),
+        train=dataclasses.replace(
+            base.train,
+            global_batch=BATCH,
+            epochs=EPOCHS,
+            log_every_steps=1,
+            checkpoint_every_steps=4,
+            **train,
+        ),
+        scale=dataclasses.replace(base.scale, num_workers=1, max_failures=1),
+        run=dataclasses.replace(base.run, storage_path=str(storage), name="compiled"),
+    )
+    validate(config)
+    return config
+
+
+@pytest.fixture(scope="module")
+def compiled_run(dataset, mlflow_uri, tmp_path_factory) -> tuple[JobConfig, dict[str, Any]]:
+    """The compiled run, its worker failing once after the checkpoint at step 4."""
+    storage = tmp_path_factory.mktemp("runs")
+    config = _config(dataset, storage, compile=True)
+    manifest, plan = check_dataset(config)
+    marker = str(tmp_path_factory.mktemp("marker") / "failed")
+    metrics = run_training(config, manifest, plan, [StepCounter(), FailOnce(marker)])
+    assert Path(marker).exists()  # the failure happened
+    return config, metrics
+
+
+def test_a_compiled_run_fails_once_and_resumes_exactly(compiled_run, mlflow_uri):
+    _, metrics = compiled_run
+    client = MlflowClient(tracking_uri=mlflow_uri)
+    run = client.get_run(metrics["mlflow_run_id"])
+    assert run.info.status == "FINISHED"
+    assert run.data.tags["last_worker_failure"].startswith("rank 0: ")
+    samples = client.get_metric_history(run.info.run_id, "train/epoch_samples")
+    assert sorted((m.step, m.value) for m in samples) == [
+        (STEPS_PER_EPOCH * (e + 1), STEPS_PER_EPOCH * BATCH) for e in range(EPOCHS)
+    ]
+    # The extension's count came back from the checkpoint: it matches the step at every report,
+    # before and after the restart (a fresh count would start again at 0).
+    seen = client.get_metric_history(run.info.run_id, "ext/steps_seen")
+    assert sorted(m.step for m in seen) == list(range(1, EPOCHS * STEPS_PER_EPOCH + 1))
+    assert all(m.value == m.step for m in seen)
+    assert math.isfinite(metrics["val/top1"])
+
+
+def test_checkpoints_of_a_compiled_run_hold_the_bare_nets_keys(compiled_run):
+    config, _ = compiled_run
+    folders = sorted(Path(config.run.storage_path, config.run_name).glob("checkpoint-*"))
+    assert folders
+    assert all(CHECKPOINT_NAME.fullmatch(f.name) for f in folders)
+    state = load_checkpoint(folders[-1])
+    assert not [k for k in state["model"] if k.startswith(("_orig_mod.", "module."))]
+    net = create_model("resnet8", num_classes=CLASSES)
+    net.load_state_dict(state["model"])  # strict
+    assert state["extra"]["step_counter"] == {"before": 6, "after": 6}
+
+
+def test_the_final_model_of_a_compiled_run_loads_and_resnet_eval_scores_it(
+    compiled_run, mlflow_uri, capsys
+):
+    import mlflow
+
+    config, metrics = compiled_run
+    run_id = metrics["mlflow_run_id"]
+    client = MlflowClient(tracking_uri=mlflow_uri)
+    weights = load_weights(Path(client.download_artifacts(run_id, "final"), "weights.safetensors"))
+    create_model("resnet8", num_classes=CLASSES).load_state_dict(weights)
+    model_uri = client.get_run(run_id).data.tags[tracking.FINAL_MODEL_TAG]
+    mlflow.set_tracking_uri(mlflow_uri)
+    served = mlflow.pyfunc.load_model(model_uri, model_config={"device": "cpu"})
+    logits = served.predict(torch.zeros((2, 32, 32, 3), dtype=torch.uint8).numpy())
+    assert logits.shape == (2, CLASSES)
+    # resnet-eval: the run folder (newest checkpoint) and the run's final model.
+    folder = str(Path(config.run.storage_path, config.run_name))
+    assert evaluate.main([folder, "--modes", "center"]) == 0
+    assert evaluate.main([f"runs:/{run_id}", "--modes", "center,tencrop"]) == 0
+    out = capsys.readouterr().out
+    assert f"{CLASSES * VAL_PER_CLASS} images" in out
