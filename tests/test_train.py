@@ -364,7 +364,25 @@ BAD_CONFIGS = {
     ),
     "no-manifest": (["--data", "{tmp}/empty"], "no manifest.json at {tmp}/empty"),
     "gpu-without-cuda": (["--gpu"], "scale.use_gpu=true but this machine has no CUDA GPU"),
+    "sync-bn-on-cpu": (["train.sync_bn=true"], "train.sync_bn=true needs scale.use_gpu=true"),
+    "unknown-precision": (["train.precision=fp8"], "train.precision='fp8'; use one of: auto,"),
 }
+# What a training run's console must not show: Ray's and torch's internal noise (dropped through
+# Ray's log settings), the worker prefix, MLflow's model-logging chatter, any traceback.
+CONSOLE_NOISE = (
+    r"Failed to query Ray Train Controller actor state",
+    r"PreemptionWatcher",
+    r"\[c10d\]",
+    r"RayTrainWorker pid=",
+    r"TrainController pid=",
+    r"Got error",
+    r"input example",
+    r"Traceback",
+    r"INFO streaming_executor",
+    r"logging_progress",
+    r"Reporting training result",
+    r"mlflow\.(store|pyfunc)",
+)
 
 
 @dataclass
@@ -486,6 +504,12 @@ def test_demo_recipe_learns_on_a_local_ray(tmp_path, learn_data):
 
     top1 = float(re.search(r"final validation top-1: ([\d.]+)%", driver.output).group(1)) / 100
     assert top1 > 0.3, driver.output  # chance is 0.1
+    console = driver.output + "\n" + driver.stderr
+    noise = [
+        line for line in console.splitlines() if any(re.search(n, line) for n in CONSOLE_NOISE)
+    ]
+    assert noise == [], "\n".join(noise)
+    assert re.search(r"^epoch 5/5 done: step \d+ train loss", driver.output, re.M), driver.output
     assert f"mlflow ui --backend-store-uri {uri}" in driver.output
     # The cluster fixture's Ray runs beside this one; the job still names its own dashboard.
     assert "Found multiple active Ray instances" not in driver.output + driver.stderr
@@ -515,7 +539,8 @@ def test_demo_recipe_learns_on_a_local_ray(tmp_path, learn_data):
 
     mlflow.set_tracking_uri(uri)
     info = mlflow.models.get_model_info(f"models:/resnet-ray-resnet8/{version.version}")
-    assert tuple(info.signature.inputs.to_dict()[0]["tensor-spec"]["shape"]) == (-1, 3, 32, 32)
+    (inputs,) = info.signature.inputs.to_dict()
+    assert inputs["tensor-spec"] == {"dtype": "uint8", "shape": (-1, 32, 32, 3)}
     assert tuple(info.signature.outputs.to_dict()[0]["tensor-spec"]["shape"]) == (-1, CLASSES)
     assert info.saved_input_example_info is not None
     artifacts = {a.path for a in client.list_artifacts(run.info.run_id, "final")}
