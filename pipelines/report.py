@@ -103,7 +103,8 @@ def run_info(run: Any) -> RunInfo | None:
         experiment_id=run.info.experiment_id,
         model=model,
         shortcut=shortcut,
-        is_eval=tracking.EVALUATES_TAG in run.data.tags or any(k.startswith("eval/") for k in metrics),
+        is_eval=tracking.EVALUATES_TAG in run.data.tags
+        or any(k.startswith("eval/") for k in metrics),
         metrics=metrics,
     )
 

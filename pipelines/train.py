@@ -38,7 +38,7 @@ from pipelines import storage, tracking
 from pipelines.config import ConfigError, JobConfig, to_dict, validate
 from pipelines.job import checks
 from pipelines.job.cli import add_job_arguments, flag_overrides, resolve_config
-from pipelines.job.session import local_cpus, ray_session
+from pipelines.job.session import training_session
 from pipelines.job.trainer import TrainingInterrupted, run_training, sigterm_interrupts
 from pipelines.manifest import ManifestError
 
@@ -79,13 +79,7 @@ def train(config: JobConfig, address: str | None) -> dict[str, Any]:
     demo_data_missing = checks.needs_demo_data(config)
     dataset = None if demo_data_missing else checks.check_dataset(config)
     checks.check_resumable(config)
-    sc, d = config.scale, config.data
-    with ray_session(
-        address,
-        num_cpus=local_cpus(sc.num_workers * (sc.cpus_per_worker + d.decode_cpus)),
-        gpus_needed=sc.num_workers * sc.gpus_per_worker if sc.use_gpu else 0,
-        gpus_for=f"scale.use_gpu=true with {sc.num_workers} workers",
-    ):
+    with training_session(config, address):
         if dataset is None:
             checks.ensure_demo_data(config)
             dataset = checks.check_dataset(config)

@@ -72,7 +72,7 @@ from pipelines.job import checks
 from pipelines.job.cli import add_job_arguments, flag_overrides, resolve_config
 from pipelines.job.final_model import log_final_model
 from pipelines.job.parts import plan_steps
-from pipelines.job.session import local_cpus, ray_session
+from pipelines.job.session import training_session
 from pipelines.job.trainer import build_trainer
 from pipelines.manifest import Manifest, ManifestError
 from resnet_core.checkpoint import CheckpointError
@@ -1031,13 +1031,7 @@ def launch(sweep: SweepConfig, address: str | None) -> int:
     checks.check_gpu_locally(first, address)
     demo_data_missing = checks.needs_demo_data(first)
     manifest = None if demo_data_missing else check_dataset(sweep)
-    sc, d = first.scale, first.data
-    with ray_session(
-        address,
-        num_cpus=local_cpus(sc.num_workers * (sc.cpus_per_worker + d.decode_cpus)),
-        gpus_needed=sc.num_workers * sc.gpus_per_worker if sc.use_gpu else 0,
-        gpus_for=f"scale.use_gpu=true with {sc.num_workers} workers per trial",
-    ):
+    with training_session(first, address):  # sized for one trial
         if manifest is None:
             checks.ensure_demo_data(first)
             manifest = check_dataset(sweep)

@@ -25,6 +25,16 @@ def ray_local() -> Iterator[None]:
             yield
 
 
+@pytest.fixture(scope="module")
+def mlflow_uri(tmp_path_factory) -> Iterator[str]:
+    """A SQLite MLflow store of one test module, as MLFLOW_TRACKING_URI while the module runs
+    (modules whose commands get the store otherwise define their own ``mlflow_uri``)."""
+    uri = f"sqlite:///{tmp_path_factory.mktemp('mlflow') / 'mlflow.db'}"
+    with pytest.MonkeyPatch.context() as env:
+        env.setenv("MLFLOW_TRACKING_URI", uri)
+        yield uri
+
+
 def _free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))

@@ -7,7 +7,6 @@ from __future__ import annotations
 import csv
 import io
 import shutil
-from collections.abc import Iterator
 from dataclasses import replace
 from pathlib import Path
 
@@ -109,14 +108,6 @@ def val_rows(dataset) -> tuple[list[bytes], list[int], list[str]]:
     tables = [pq.read_table(uri) for uri in dataset.shard_uris("val")]
     column = lambda name: [v for t in tables for v in t.column(name).to_pylist()]  # noqa: E731
     return column("image"), column("label"), column("key")
-
-
-@pytest.fixture(scope="module")
-def mlflow_uri(tmp_path_factory) -> Iterator[str]:
-    uri = f"sqlite:///{tmp_path_factory.mktemp('mlflow') / 'mlflow.db'}"
-    with pytest.MonkeyPatch.context() as env:
-        env.setenv("MLFLOW_TRACKING_URI", uri)
-        yield uri
 
 
 @pytest.fixture(scope="module")

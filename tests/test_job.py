@@ -7,7 +7,6 @@ from __future__ import annotations
 import dataclasses
 import math
 import sys
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -81,14 +80,6 @@ class FailOnce(Extension):
         if runner.step == FAIL_AT_STEP and not Path(self.marker).exists():
             Path(self.marker).touch()
             raise RuntimeError("injected worker failure")
-
-
-@pytest.fixture(scope="module")
-def mlflow_uri(tmp_path_factory) -> Iterator[str]:
-    uri = f"sqlite:///{tmp_path_factory.mktemp('mlflow') / 'mlflow.db'}"
-    with pytest.MonkeyPatch.context() as env:
-        env.setenv("MLFLOW_TRACKING_URI", uri)
-        yield uri
 
 
 @pytest.fixture(scope="module")

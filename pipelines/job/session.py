@@ -22,7 +22,7 @@ import socket
 import sys
 from collections.abc import Iterator
 
-from pipelines.config import ConfigError
+from pipelines.config import ConfigError, JobConfig
 
 
 def free_loopback_port() -> int:
@@ -85,6 +85,20 @@ def ray_session(
         yield True
     finally:
         ray.shutdown()
+
+
+def training_session(
+    config: JobConfig, address: str | None
+) -> contextlib.AbstractContextManager[bool]:
+    """:func:`ray_session` for a training run of ``config``: a local Ray fits every worker's
+    CPUs and its decode tasks; the cluster must be able to host the workers' GPUs."""
+    sc, d = config.scale, config.data
+    return ray_session(
+        address,
+        num_cpus=local_cpus(sc.num_workers * (sc.cpus_per_worker + d.decode_cpus)),
+        gpus_needed=sc.num_workers * sc.gpus_per_worker if sc.use_gpu else 0,
+        gpus_for=f"scale.use_gpu=true with {sc.num_workers} workers",
+    )
 
 
 def check_cluster_gpus(needed: float, what: str) -> None:
