@@ -295,3 +295,25 @@ def test_schedule_from_the_config_converts_epochs_to_steps_and_scales_the_rate()
     assert schedule.milestones == (200, 500)  # epoch 2 at 100 steps per epoch, sorted
     assert schedule.warmup_steps == 50
     assert schedule.total_steps == 1000
+
+
+def test_one_trainer_builder_keeps_the_best_checkpoints_by_validation_top1():
+    """Training and every Tune trial get their TorchTrainer from the same function: the best
+    ``train.keep_checkpoints`` by validation top-1 (``checkpoint/score``) plus the latest."""
+    from pipelines import tune
+    from pipelines.job import trainer
+    from pipelines.job.checkpoints import CHECKPOINT_SCORE
+
+    config = apply_overrides(
+        build_recipe("demo"), ["train.keep_checkpoints=2", "scale.max_failures=5"]
+    )
+    built = trainer.build_trainer(config)
+    kept = built.run_config.checkpoint_config
+    assert kept.num_to_keep == 2
+    assert (kept.checkpoint_score_attribute, kept.checkpoint_score_order) == (
+        CHECKPOINT_SCORE,
+        "max",
+    )
+    assert built.run_config.failure_config.max_failures == 5
+    assert built.run_config.name == config.run_name
+    assert tune.build_trainer is trainer.build_trainer
