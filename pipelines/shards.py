@@ -49,7 +49,6 @@ from pipelines.sources import (
 )
 from pipelines.synthetic import SyntheticSpec
 
-DATASETS = ("imagenet", "cifar10", "folder", "synthetic")
 STATS_SPLIT = "train"  # pixel statistics and the mean image describe the training split only
 PROGRESS_DIR = "_progress"
 MEAN_IMAGE_NAME = "mean_image.npy"

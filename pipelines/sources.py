@@ -20,7 +20,6 @@ import functools
 import io
 import os
 import pickle
-import re
 import tarfile
 from dataclasses import dataclass
 from pathlib import Path
@@ -45,7 +44,6 @@ CIFAR10_FOLDER = "cifar-10-batches-py"
 CIFAR10_TRAIN_BATCHES = tuple(f"data_batch_{i}" for i in range(1, 6))
 CIFAR10_TEST_BATCH = "test_batch"
 
-_VAL_FILE_NUMBER = re.compile(r"ILSVRC2012_val_(\d{8})")
 
 
 class SourceError(ValueError):
