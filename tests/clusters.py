@@ -55,9 +55,10 @@ def free_ports(n: int) -> list[int]:
             s.close()
 
 
-def marked_pids(value: str) -> set[int]:
-    """PIDs of live processes whose environment holds ``RESNET_RAY_NODE=<value>``."""
-    needle = f"{NODE_MARKER}={value}".encode()
+def marked_pids(value: str, variable: str = NODE_MARKER) -> set[int]:
+    """PIDs of live processes whose environment holds ``<variable>=<value>`` (by default
+    ``RESNET_RAY_NODE``, the variable the nodes of a LocalCluster carry)."""
+    needle = f"{variable}={value}".encode()
     pids = set()
     for entry in os.listdir("/proc"):
         if not entry.isdigit():

@@ -3,10 +3,11 @@
 from __future__ import annotations
 
 import logging
-import socket
 from collections.abc import Iterator
 
 import pytest
+
+from pipelines.job.session import free_loopback_port
 
 
 @pytest.fixture(scope="module")
@@ -35,12 +36,6 @@ def mlflow_uri(tmp_path_factory) -> Iterator[str]:
         yield uri
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.fixture(scope="module")
 def s3_server() -> Iterator[str]:
     """A real S3 endpoint on loopback (moto's ThreadedMotoServer); yields its URL.
@@ -52,7 +47,7 @@ def s3_server() -> Iterator[str]:
     from moto.server import ThreadedMotoServer
 
     logging.getLogger("werkzeug").setLevel(logging.ERROR)  # one log line per request otherwise
-    port = _free_port()
+    port = free_loopback_port()
     server = ThreadedMotoServer(ip_address="127.0.0.1", port=port, verbose=False)
     server.start()
     endpoint = f"http://127.0.0.1:{port}"

@@ -21,7 +21,6 @@ import os
 import re
 import shlex
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -35,6 +34,7 @@ import yaml
 from packaging.version import Version
 
 from cluster import fetch_token, render
+from pipelines.job.session import free_loopback_port
 
 ROOT = Path(__file__).resolve().parents[1]
 CLUSTER = ROOT / "cluster"
@@ -763,12 +763,6 @@ def test_fetch_token_writes_a_private_file_and_never_prints_it(s3_server, tmp_pa
 # ---------------------------------------------------------------------------------------------
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def _request(url: str, auth: tuple[str, str] | None = None, body: dict | None = None) -> int:
     """HTTP status of a GET (or a JSON POST when ``body`` is given), with basic auth if given."""
     import base64
@@ -795,7 +789,7 @@ def test_mlflow_server_with_the_deployed_flags_rejects_anonymous_and_default_pas
     (deployment,) = [o for _, o in k8s_objects() if o["kind"] == "Deployment"]
     (container,) = deployment["spec"]["template"]["spec"]["containers"]
     config_map = next(o for _, o in k8s_objects() if o["kind"] == "ConfigMap")
-    port = _free_port()
+    port = free_loopback_port()
     # The deployed flags, with the S3 destination, the pod interface and the service port
     # swapped for local equivalents; everything else (auth app, proxying, hosts) as deployed.
     args = []

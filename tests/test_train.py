@@ -9,7 +9,6 @@ process name: other Ray instances on this machine are left alone.
 
 from __future__ import annotations
 
-import contextlib
 import json
 import math
 import os
@@ -17,7 +16,6 @@ import re
 import secrets
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
@@ -30,6 +28,7 @@ from pathlib import Path
 
 import pytest
 
+from tests.clusters import cmdline, free_ports, marked_pids, signal_and_wait
 from tests.jpeg_decoder import EXPECTED_DECODER
 
 REPO = Path(__file__).resolve().parents[1]
@@ -63,49 +62,13 @@ pytestmark = pytest.mark.slow
 
 def _marked_pids(marker: str) -> set[int]:
     """PIDs of live processes whose environment holds RESNET_RAY_TEST=<marker>."""
-    needle = f"{MARKER}={marker}".encode()
-    pids = set()
-    for entry in os.listdir("/proc"):
-        if not entry.isdigit():
-            continue
-        try:
-            with open(f"/proc/{entry}/environ", "rb") as f:
-                environ = f.read().split(b"\0")
-        except OSError:  # exited meanwhile, or not ours to read
-            continue
-        if needle in environ:
-            pids.add(int(entry))
-    return pids
-
-
-def _cmdline(pid: int) -> str:
-    try:
-        with open(f"/proc/{pid}/cmdline", "rb") as f:
-            return f.read().replace(b"\0", b" ").decode(errors="replace")
-    except OSError:
-        return ""
+    return marked_pids(marker, MARKER)
 
 
 def _stop_marked(marker: str, grace_s: float = 10.0) -> None:
     """SIGTERM every process carrying the marker, then SIGKILL what is left after the grace."""
-    for sig, wait_s in ((signal.SIGTERM, grace_s), (signal.SIGKILL, 5.0)):
-        for pid in _marked_pids(marker):
-            with contextlib.suppress(ProcessLookupError):
-                os.kill(pid, sig)
-        deadline = time.monotonic() + wait_s
-        while _marked_pids(marker) and time.monotonic() < deadline:
-            time.sleep(0.2)
-
-
-def _free_ports(n: int) -> list[int]:
-    sockets = [socket.socket() for _ in range(n)]
-    try:
-        for s in sockets:
-            s.bind(("127.0.0.1", 0))
-        return [s.getsockname()[1] for s in sockets]
-    finally:
-        for s in sockets:
-            s.close()
+    signal_and_wait(lambda: _marked_pids(marker), signal.SIGTERM, wait_s=grace_s)
+    signal_and_wait(lambda: _marked_pids(marker), signal.SIGKILL, wait_s=5.0)
 
 
 def _base_env(marker: str, **extra: str) -> dict[str, str]:
@@ -231,7 +194,7 @@ def cluster() -> Iterator[Cluster]:
         # Ray gives its raylet 30 s to register; on an overloaded machine that can pass, so a
         # failed start is cleaned up and tried once more.
         for attempt in (1, 2):
-            gcs, dashboard, client, agent, agent_grpc, runtime_env, metrics = _free_ports(7)
+            gcs, dashboard, client, agent, agent_grpc, runtime_env, metrics = free_ports(7)
             started = subprocess.run(
                 [
                     RAY_CLI, "start", "--head",
@@ -259,7 +222,7 @@ def cluster() -> Iterator[Cluster]:
         yield Cluster(address, f"http://127.0.0.1:{dashboard}", token, temp_dir, marker)
     finally:
         _stop_marked(marker)
-        left = {pid: _cmdline(pid) for pid in _marked_pids(marker)}
+        left = {pid: cmdline(pid) for pid in _marked_pids(marker)}
         shutil.rmtree(temp_dir, ignore_errors=True)
         assert not left, f"cluster processes survived: {left}"
 
@@ -557,7 +520,7 @@ def _train_worker_pids(cluster: Cluster) -> list[int]:
     return sorted(
         pid
         for pid in _marked_pids(cluster.marker)
-        if _cmdline(pid).startswith("ray::RayTrainWorker")
+        if cmdline(pid).startswith("ray::RayTrainWorker")
     )
 
 

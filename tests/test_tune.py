@@ -16,7 +16,6 @@ from __future__ import annotations
 import math
 import os
 import signal
-import socket
 import subprocess
 import sys
 import threading
@@ -29,6 +28,7 @@ from PIL import Image
 
 from pipelines import tracking
 from pipelines import tune as tune_cmd
+from pipelines.job.session import free_loopback_port
 
 pytestmark = pytest.mark.slow
 
@@ -56,12 +56,6 @@ def ray_sessions_started_here() -> set[str]:
     """Ray session folders named after this process (Ray names them session_<time>_<pid>)."""
     temp = Path(os.environ.get("RAY_TMPDIR", "/tmp"), "ray")
     return {p.name for p in temp.glob(f"session_*_{os.getpid()}")}
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def sweep_args(data: Path, storage: Path, name: str, *extra: str) -> list[str]:
@@ -131,7 +125,7 @@ def ray_address() -> Iterator[str]:
 
     home_ray = Path.home() / ".ray"
     had_home_ray = home_ray.exists()
-    port = free_port()
+    port = free_loopback_port()
     with pytest.MonkeyPatch.context() as env:
         env.setenv("RAY_AUTH_MODE", "disabled")
         # Set before ray.init so the raylet, and so every worker of every job, inherits it.
