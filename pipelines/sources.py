@@ -45,7 +45,6 @@ CIFAR10_TRAIN_BATCHES = tuple(f"data_batch_{i}" for i in range(1, 6))
 CIFAR10_TEST_BATCH = "test_batch"
 
 
-
 class SourceError(ValueError):
     """A source cannot be listed; the message names the path and the fix, on one line."""
 

@@ -21,10 +21,10 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 __all__ = [
+    "SHORTCUTS",
     "BasicBlock",
     "Bottleneck",
     "CifarResNet",
-    "SHORTCUTS",
     "ResNet",
     "Shortcut",
     "ZeroPadShortcut",
