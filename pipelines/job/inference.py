@@ -195,9 +195,30 @@ def _from_registry(uri: str, tracking_uri: str) -> TrainedModel:
 
 def _from_location(uri: str, tracking_uri: str) -> TrainedModel:
     """A checkpoint directory, a run folder of checkpoints or a final/ folder, local or on S3."""
+    fs, root = storage.resolve(uri)
+    kind, folder = _what_is_there(uri, fs, root)
+    origin = storage.redact(storage.join(uri, folder) if folder else uri)
+    names = CHECKPOINT_FILES if kind == "checkpoint" else (WEIGHTS_FILE, CONFIG_FILE, CLASSES_FILE)
+    with tempfile.TemporaryDirectory(prefix="resnet-eval-") as tmp:
+        local = Path(tmp) if storage.is_s3(uri) else Path(root, folder)
+        if storage.is_s3(uri):
+            for name in names:
+                path = storage.join(root, folder, name) if folder else storage.join(root, name)
+                if storage.exists(fs, path):
+                    (local / name).write_bytes(storage.read_bytes(fs, path))
+        if kind == "final":
+            trained = _read_final_folder(local, origin)
+        else:
+            trained = _read_checkpoint(local, origin)
+    run_id, experiment_id = _find_training_run(trained.config, tracking_uri)
+    return replace(trained, run_id=run_id, experiment_id=experiment_id)
+
+
+def _what_is_there(uri: str, fs: Any, root: str) -> tuple[str, str]:
+    """``("checkpoint" | "final", subfolder)``: what ``uri`` holds (a run folder: its newest
+    checkpoint); EvalInputError when nothing usable."""
     import pyarrow.fs as pafs
 
-    fs, root = storage.resolve(uri)
     try:
         if fs.get_file_info(root).type == pafs.FileType.File:
             raise EvalInputError(
@@ -211,56 +232,37 @@ def _from_location(uri: str, tracking_uri: str) -> TrainedModel:
     if not files:
         raise EvalInputError(f"{storage.redact(uri)} does not exist or is empty; {_SOURCES}")
     if all(name in files for name in CHECKPOINT_FILES):
-        kind, folder = "checkpoint", ""
-    elif WEIGHTS_FILE in files and CONFIG_FILE in files:
-        kind, folder = "final", ""
-    else:
-        steps = {
-            (step, first)
-            for name in files
-            if (first := name.partition("/")[0])
-            and (step := checkpoint_step(first)) is not None
-            and f"{first}/{CHECKPOINT_FILES[0]}" in files
-        }
-        if not steps:
-            raise EvalInputError(
-                f"{storage.redact(uri)} holds no checkpoint: expected checkpoint.json + "
-                f"state.safetensors, {WEIGHTS_FILE} + {CONFIG_FILE}, or checkpoint-* folders; "
-                f"{_SOURCES}"
-            )
-        kind, folder = "checkpoint", max(steps)[1]
-        print(f"using the newest checkpoint of the run folder: {folder}", flush=True)
-    origin = storage.redact(storage.join(uri, folder) if folder else uri)
-    names = CHECKPOINT_FILES if kind == "checkpoint" else (WEIGHTS_FILE, CONFIG_FILE, CLASSES_FILE)
-    with tempfile.TemporaryDirectory(prefix="resnet-eval-") as tmp:
-        local = Path(tmp) if storage.is_s3(uri) else Path(root, folder)
-        if storage.is_s3(uri):
-            for name in names:
-                path = storage.join(root, folder, name) if folder else storage.join(root, name)
-                if storage.exists(fs, path):
-                    (local / name).write_bytes(storage.read_bytes(fs, path))
-        if kind == "final":
-            trained = _read_final_folder(local, origin)
-        else:
-            state = load_checkpoint(local)
-            if not isinstance(state.get("config"), dict) or not isinstance(
-                state.get("model"), dict
-            ):
-                raise EvalInputError(
-                    f"checkpoint {origin} has no config or model weights: it was not written by "
-                    "resnet-train"
-                )
-            trained = TrainedModel(
-                config=from_dict(JobConfig, state["config"]),
-                weights=state["model"],
-                classes=None,
-                class_names=None,
-                run_id=None,
-                experiment_id=None,
-                origin=origin,
-            )
-    run_id, experiment_id = _find_training_run(trained.config, tracking_uri)
-    return replace(trained, run_id=run_id, experiment_id=experiment_id)
+        return "checkpoint", ""
+    if WEIGHTS_FILE in files and CONFIG_FILE in files:
+        return "final", ""
+    steps = {
+        (step, first)
+        for name in files
+        if (first := name.partition("/")[0])
+        and (step := checkpoint_step(first)) is not None
+        and f"{first}/{CHECKPOINT_FILES[0]}" in files
+    }
+    if not steps:
+        raise EvalInputError(
+            f"{storage.redact(uri)} holds no checkpoint: expected checkpoint.json + "
+            f"state.safetensors, {WEIGHTS_FILE} + {CONFIG_FILE}, or checkpoint-* folders; "
+            f"{_SOURCES}"
+        )
+    folder = max(steps)[1]
+    print(f"using the newest checkpoint of the run folder: {folder}", flush=True)
+    return "checkpoint", folder
+
+
+def _read_checkpoint(folder: Path, origin: str) -> TrainedModel:
+    """The config and weights of a resnet-train checkpoint directory."""
+    state = load_checkpoint(folder)
+    if not isinstance(state.get("config"), dict) or not isinstance(state.get("model"), dict):
+        raise EvalInputError(
+            f"checkpoint {origin} has no config or model weights: it was not written by "
+            "resnet-train"
+        )
+    config = from_dict(JobConfig, state["config"])
+    return TrainedModel(config, state["model"], None, None, None, None, origin)
 
 
 def _read_final_folder(folder: Path, origin: str) -> TrainedModel:
