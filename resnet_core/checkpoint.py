@@ -35,7 +35,7 @@ import shutil
 import tempfile
 import uuid
 import warnings
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -529,22 +529,28 @@ def load_checkpoint(directory: str | Path, map_location: str | torch.device = "c
 
 
 def latest_valid_checkpoint(
-    candidates: Sequence[str | Path], map_location: str | torch.device = "cpu"
-) -> tuple[Path, dict]:
+    candidates: Sequence[Any],
+    map_location: str | torch.device = "cpu",
+    *,
+    load: Callable[[Any], dict] | None = None,
+) -> tuple[Any, dict]:
     """Loads the first loadable checkpoint of `candidates`, which are ordered newest first.
 
-    Each checkpoint that fails to load is skipped with a warning that names it and the reason;
-    `CheckpointError` lists every reason when none loads.
+    `load` reads one candidate (default: `load_checkpoint` of a local directory); a storage
+    error (OSError) counts as unloadable too. Each checkpoint that fails to load is skipped with
+    a warning that names it and the reason; `CheckpointError` lists every reason when none loads.
     """
     reasons = []
     for candidate in candidates:
         try:
-            return Path(candidate), load_checkpoint(candidate, map_location)
-        except CheckpointError as error:
+            if load is None:
+                return Path(candidate), load_checkpoint(candidate, map_location)
+            return candidate, load(candidate)
+        except (CheckpointError, OSError) as error:
             warnings.warn(
                 f"skipping checkpoint {candidate}, trying the previous one: {error}", stacklevel=2
             )
-            reasons.append(str(error))
+            reasons.append(f"{candidate}: {error}")
     if not reasons:
         raise CheckpointError("no checkpoint candidates given — pass at least one directory")
     raise CheckpointError(

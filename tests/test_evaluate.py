@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import csv
 import io
+import os
 import shutil
 from dataclasses import replace
 from pathlib import Path
@@ -372,6 +373,33 @@ def test_run_folder_uses_its_newest_checkpoint(
     assert "checkpoint-000000012-1234abcd" in capsys.readouterr().out
     newest = eval_runs(mlflow_uri, trained_run)[0]
     assert newest.data.params["eval.source"].endswith("checkpoint-000000012-1234abcd")
+    expected = expected_errors(spec, config, val_rows, ["center"])["center"]
+    assert newest.data.metrics["eval/center/top1_err"] == pytest.approx(expected)
+
+
+@pytest.mark.slow
+def test_run_folder_falls_back_from_a_corrupt_newest_and_breaks_ties_by_write_time(
+    trained_run, mlflow_uri, net, spec, config, val_rows, tmp_path, capsys
+):
+    """As training resumes: the newest intact checkpoint, a warning for each one skipped; of
+    two checkpoints at the same step, the one written last, whatever their attempt ids."""
+    blank = create_model("resnet8", num_classes=NUM_CLASSES)
+    folder = tmp_path / config.run_name
+    saves = [
+        ("checkpoint-000000012-ffffffff", blank),  # written first, the higher id
+        ("checkpoint-000000012-00000000", net),  # the same step, written last
+        ("checkpoint-000000020-abcdef01", net),  # the newest, corrupted below
+    ]
+    for i, (name, model) in enumerate(saves):
+        state = training_state(model, epoch=1, step=1, batches_in_epoch=0, config=to_dict(config))
+        save_checkpoint(folder / name, state)
+        os.utime(folder / name / "checkpoint.json", ns=(10**18 + i * 10**9,) * 2)
+    (folder / saves[2][0] / "state.safetensors").write_bytes(b"cut short")
+    with pytest.warns(UserWarning, match=f"skipping checkpoint {saves[2][0]}, trying the previous"):
+        assert evaluate.main([str(folder), "--modes", "center"]) == 0
+    assert f"run folder: {saves[1][0]}" in capsys.readouterr().out
+    newest = eval_runs(mlflow_uri, trained_run)[0]
+    assert newest.data.params["eval.source"].endswith(saves[1][0])
     expected = expected_errors(spec, config, val_rows, ["center"])["center"]
     assert newest.data.metrics["eval/center/top1_err"] == pytest.approx(expected)
 

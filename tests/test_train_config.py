@@ -251,7 +251,7 @@ def test_a_corrupt_newest_checkpoint_falls_back_to_the_previous_one(tmp_path):
     names = _write_run(tmp_path, [4, 8, 12])
     (tmp_path / names[12] / "state.safetensors").write_bytes(b"cut short")
     model, optimizer = _model_and_optimizer(0)
-    with pytest.warns(UserWarning, match=f"{names[12]} is unusable .*falling back"):
+    with pytest.warns(UserWarning, match=f"skipping checkpoint {names[12]}, trying the previous"):
         restored = restore_latest(Checkpoint(str(tmp_path / names[12])), model, optimizer)
     assert restored["step"] == 8
     assert torch.all(model.fc.weight == 8)
@@ -265,7 +265,7 @@ def test_no_usable_checkpoint_refuses_to_start_from_scratch(tmp_path):
         (tmp_path / name / "checkpoint.json").unlink()
     model, optimizer = _model_and_optimizer(0)
     with (
-        pytest.warns(UserWarning, match="unusable"),
+        pytest.warns(UserWarning, match="skipping checkpoint"),
         pytest.raises(CheckpointError, match="refusing to restart from scratch"),
     ):
         restore_latest(Checkpoint(str(tmp_path / names[8])), model, optimizer)

@@ -29,11 +29,11 @@ from torch import Tensor, nn
 
 from pipelines import storage, tracking
 from pipelines.config import JobConfig, from_dict
-from pipelines.job.checkpoints import checkpoint_step
+from pipelines.job.checkpoints import checkpoint_step, load_from, load_newest_intact, newest_first
 from pipelines.job.final_model import CLASSES_FILE, CONFIG_FILE, FINAL_ARTIFACTS, WEIGHTS_FILE
 from pipelines.job.parts import model_options, normalization
 from pipelines.manifest import Manifest
-from resnet_core.checkpoint import load_checkpoint, load_weights
+from resnet_core.checkpoint import load_weights
 from resnet_core.evaluation import (
     MULTISCALE_SHORTER_SIDES,
     predict_center,
@@ -196,27 +196,28 @@ def _from_registry(uri: str, tracking_uri: str) -> TrainedModel:
 def _from_location(uri: str, tracking_uri: str) -> TrainedModel:
     """A checkpoint directory, a run folder of checkpoints or a final/ folder, local or on S3."""
     fs, root = storage.resolve(uri)
-    kind, folder = _what_is_there(uri, fs, root)
-    origin = storage.redact(storage.join(uri, folder) if folder else uri)
-    names = CHECKPOINT_FILES if kind == "checkpoint" else (WEIGHTS_FILE, CONFIG_FILE, CLASSES_FILE)
-    with tempfile.TemporaryDirectory(prefix="resnet-eval-") as tmp:
-        local = Path(tmp) if storage.is_s3(uri) else Path(root, folder)
-        if storage.is_s3(uri):
-            for name in names:
-                path = storage.join(root, folder, name) if folder else storage.join(root, name)
-                if storage.exists(fs, path):
-                    (local / name).write_bytes(storage.read_bytes(fs, path))
-        if kind == "final":
-            trained = _read_final_folder(local, origin)
-        else:
-            trained = _read_checkpoint(local, origin)
+    kind = _what_is_there(uri, fs, root)
+    if kind == "final":
+        with tempfile.TemporaryDirectory(prefix="resnet-eval-") as tmp:
+            local = Path(tmp) if storage.is_s3(uri) else Path(root)
+            if storage.is_s3(uri):
+                for name in (WEIGHTS_FILE, CONFIG_FILE, CLASSES_FILE):
+                    if storage.exists(fs, storage.join(root, name)):
+                        (local / name).write_bytes(storage.read_bytes(fs, storage.join(root, name)))
+            trained = _read_final_folder(local, storage.redact(uri))
+    elif kind == "checkpoint":
+        trained = _read_checkpoint(load_from(fs, root), storage.redact(uri))
+    else:  # a run folder: its newest intact checkpoint, as training resumes from
+        folder, state = load_newest_intact(fs, root, newest_first(fs, root))
+        print(f"using the newest intact checkpoint of the run folder: {folder}", flush=True)
+        trained = _read_checkpoint(state, storage.redact(storage.join(uri, folder)))
     run_id, experiment_id = _find_training_run(trained.config, tracking_uri)
     return replace(trained, run_id=run_id, experiment_id=experiment_id)
 
 
-def _what_is_there(uri: str, fs: Any, root: str) -> tuple[str, str]:
-    """``("checkpoint" | "final", subfolder)``: what ``uri`` holds (a run folder: its newest
-    checkpoint); EvalInputError when nothing usable."""
+def _what_is_there(uri: str, fs: Any, root: str) -> str:
+    """``checkpoint``, ``final`` or ``run`` (a folder of checkpoint-* folders); EvalInputError
+    when ``uri`` holds none of them."""
     import pyarrow.fs as pafs
 
     try:
@@ -232,30 +233,22 @@ def _what_is_there(uri: str, fs: Any, root: str) -> tuple[str, str]:
     if not files:
         raise EvalInputError(f"{storage.redact(uri)} does not exist or is empty; {_SOURCES}")
     if all(name in files for name in CHECKPOINT_FILES):
-        return "checkpoint", ""
+        return "checkpoint"
     if WEIGHTS_FILE in files and CONFIG_FILE in files:
-        return "final", ""
-    steps = {
-        (step, first)
-        for name in files
-        if (first := name.partition("/")[0])
-        and (step := checkpoint_step(first)) is not None
-        and f"{first}/{CHECKPOINT_FILES[0]}" in files
-    }
-    if not steps:
-        raise EvalInputError(
-            f"{storage.redact(uri)} holds no checkpoint: expected checkpoint.json + "
-            f"state.safetensors, {WEIGHTS_FILE} + {CONFIG_FILE}, or checkpoint-* folders; "
-            f"{_SOURCES}"
-        )
-    folder = max(steps)[1]
-    print(f"using the newest checkpoint of the run folder: {folder}", flush=True)
-    return "checkpoint", folder
+        return "final"
+    if any(
+        checkpoint_step(first) is not None and f"{first}/{CHECKPOINT_FILES[0]}" in files
+        for first in {name.partition("/")[0] for name in files}
+    ):
+        return "run"
+    raise EvalInputError(
+        f"{storage.redact(uri)} holds no checkpoint: expected checkpoint.json + "
+        f"state.safetensors, {WEIGHTS_FILE} + {CONFIG_FILE}, or checkpoint-* folders; {_SOURCES}"
+    )
 
 
-def _read_checkpoint(folder: Path, origin: str) -> TrainedModel:
-    """The config and weights of a resnet-train checkpoint directory."""
-    state = load_checkpoint(folder)
+def _read_checkpoint(state: dict[str, Any], origin: str) -> TrainedModel:
+    """The config and weights of a resnet-train checkpoint's state."""
     if not isinstance(state.get("config"), dict) or not isinstance(state.get("model"), dict):
         raise EvalInputError(
             f"checkpoint {origin} has no config or model weights: it was not written by "
