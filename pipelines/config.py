@@ -218,7 +218,35 @@ class RunSettings:
     registered_model: str | None = None  # MLflow model registry name; None: resnet-ray-<model>
 
     def check(self) -> None:
-        pass  # the run name is checked in validate(): its default depends on recipe and model
+        """MLflow's own rules for the names it stores, so a bad one fails now, not after the
+        run has trained (the run name is checked in validate(): its default depends on recipe
+        and model)."""
+        from mlflow.exceptions import MlflowException
+        from mlflow.utils.validation import _validate_model_name
+
+        check_experiment_name(self.experiment, "run.experiment")
+        if self.registered_model is not None:
+            try:
+                _validate_model_name(self.registered_model)
+            except MlflowException as e:
+                raise ConfigError(
+                    f"run.registered_model={self.registered_model!r} is not a valid MLflow model "
+                    f"name ({e.message}); use e.g. team-resnet50"
+                ) from None
+
+
+def check_experiment_name(name: str, what: str) -> None:
+    """MLflow's rule for experiment names (``what`` names the setting in the message)."""
+    from mlflow.exceptions import MlflowException
+    from mlflow.utils.validation import _validate_experiment_name
+
+    try:
+        _validate_experiment_name(name)
+    except MlflowException as e:
+        raise ConfigError(
+            f"{what}={name!r} is not a valid MLflow experiment name ({e.message}); pass a "
+            "non-empty name (--experiment)"
+        ) from None
 
 
 @dataclass(frozen=True)

@@ -58,7 +58,7 @@ from torch import Tensor
 
 from pipelines import data as data_lib
 from pipelines import storage, tracking
-from pipelines.config import ConfigError, JobConfig
+from pipelines.config import ConfigError, JobConfig, check_experiment_name
 from pipelines.job.inference import (
     MODES,
     EvalInputError,
@@ -432,6 +432,8 @@ def check_numbers(args: argparse.Namespace) -> None:
             raise EvalInputError(f"{flag} {value} must be >= 1")
     if args.cpus_per_worker <= 0:
         raise EvalInputError(f"--cpus-per-worker {args.cpus_per_worker} must be positive")
+    if args.experiment is not None:
+        check_experiment_name(args.experiment, "--experiment")
 
 
 def resolve_protocol(args: argparse.Namespace, config: JobConfig) -> Protocol:

@@ -428,6 +428,7 @@ def assert_bad_input(argv: list[str], message: str, capsys) -> None:
         (["{checkpoint}", "--data", "{empty}"], "no manifest.json"),
         (["{checkpoint}", "--eval-resize", "16"], "below the training crop 32"),
         (["{checkpoint}", "--workers", "0"], "--workers 0 must be >= 1"),
+        (["{checkpoint}", "--experiment", ""], "--experiment='' is not a valid MLflow"),
     ],
 )
 def test_bad_input_is_one_line_and_exit_2(

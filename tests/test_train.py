@@ -329,6 +329,8 @@ BAD_CONFIGS = {
     "gpu-without-cuda": (["--gpu"], "scale.use_gpu=true but this machine has no CUDA GPU"),
     "sync-bn-on-cpu": (["train.sync_bn=true"], "train.sync_bn=true needs scale.use_gpu=true"),
     "unknown-precision": (["train.precision=fp8"], "train.precision='fp8'; use one of: auto,"),
+    "registered-model-name": (["run.registered_model=team/resnet"], "run.registered_model="),
+    "empty-experiment": (["--experiment", ""], "run.experiment='' is not a valid MLflow"),
 }
 # What a training run's console must not show: Ray's and torch's internal noise (dropped through
 # Ray's log settings), the worker prefix, MLflow's model-logging chatter, any traceback.

@@ -156,6 +156,12 @@ def test_bad_overrides_give_one_line_naming_the_value(override, message):
         (["model.shortcut=D"], "model.shortcut='D'"),
         (["run.name=../escape"], "run name '../escape' may only use"),
         (["run.name=a b"], "run name 'a b' may only use"),
+        (
+            ["run.registered_model=team/resnet"],
+            "run.registered_model='team/resnet' is not a valid MLflow model name",
+        ),
+        (["run.registered_model=a:b"], "Names cannot contain '/' or ':'"),
+        (["run.experiment="], "run.experiment='' is not a valid MLflow experiment name"),
     ],
 )
 def test_validation_names_the_bad_value(overrides, message):
