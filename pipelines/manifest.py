@@ -12,6 +12,8 @@ from __future__ import annotations
 import hashlib
 import io
 import json
+from collections.abc import Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any
 
@@ -31,6 +33,7 @@ __all__ = [
     "load_mean_image",
     "parse_manifest",
     "read_manifest",
+    "verify_shards",
     "write_manifest",
 ]
 
@@ -199,6 +202,49 @@ def read_manifest(uri: str, filesystem: pafs.FileSystem | None = None) -> Manife
             f"--out {storage.redact(root)} first (or finish an interrupted run by re-running it)"
         )
     return parse_manifest(storage.read_bytes(filesystem, path), root)
+
+
+def verify_shards(manifest: Manifest, splits: Sequence[str], *, sha256: bool = False) -> None:
+    """Every shard of ``splits`` is there with the manifest's byte size (one listing per folder
+    of shards: cheap, also on S3) and, with ``sha256``, its checksum (reads every byte, in
+    parallel). ManifestError naming the first bad shard, where it is and the fix."""
+    fs, root_path = storage.resolve(manifest.root)
+    shards = [shard for split in splits for shard in manifest.split(split).shards]
+    paths = [storage.join(root_path, shard.path) for shard in shards]
+    sizes: dict[str, int] = {}
+    for folder in sorted({path.rpartition("/")[0] for path in paths}):
+        selector = pafs.FileSelector(folder, allow_not_found=True)
+        sizes.update((info.path, info.size) for info in fs.get_file_info(selector))
+    for shard, path in zip(shards, paths, strict=True):
+        size = sizes.get(path)
+        if size != shard.num_bytes:
+            found = "is missing" if size is None else f"is {size} bytes"
+            _bad_shard(manifest, shard, f"{found}, the manifest says {shard.num_bytes}")
+    if sha256:
+        with ThreadPoolExecutor(max_workers=8) as pool:
+            digests = list(pool.map(lambda path: _sha256(fs, path), paths))
+        for shard, digest in zip(shards, digests, strict=True):
+            if digest != shard.sha256:
+                _bad_shard(
+                    manifest, shard, "has other bytes than the manifest's sha256", delete=True
+                )
+
+
+def _sha256(fs: pafs.FileSystem, path: str) -> str:
+    digest = hashlib.sha256()
+    with fs.open_input_stream(path) as f:
+        while chunk := f.read(8 * 2**20):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def _bad_shard(manifest: Manifest, shard: ShardInfo, problem: str, *, delete: bool = False) -> None:
+    root = storage.redact(manifest.root)
+    fix = "delete it and re-run" if delete else "re-run"
+    raise ManifestError(
+        f"shard {shard.path} of {root} {problem}: the dataset changed or a copy was cut short "
+        f"— {fix} resnet-prepare with --out {root} (it rewrites missing and cut-short shards)"
+    )
 
 
 def write_manifest(fs: pafs.FileSystem, root_path: str, data: dict[str, Any]) -> str:

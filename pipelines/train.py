@@ -70,14 +70,16 @@ def config_from_args(args: argparse.Namespace) -> JobConfig:
     return resolve_config(args.recipe, args.model, flag_overrides(args, name="run.name"))
 
 
-def train(config: JobConfig, address: str | None) -> dict[str, Any]:
+def train(config: JobConfig, address: str | None, *, verify_data: bool = False) -> dict[str, Any]:
     """The checks, then the run on a Ray cluster (attached, or local for the duration);
     returns the final metrics plus ``mlflow_run_id``."""
     checks.check_model(config)
     checks.check_locations(config)
     checks.check_gpu_locally(config, address)
     demo_data_missing = checks.needs_demo_data(config)
-    dataset = None if demo_data_missing else checks.check_dataset(config)
+    dataset = None
+    if not demo_data_missing:
+        dataset = checks.check_dataset(config, verify_data=verify_data)
     checks.check_resumable(config)
     with training_session(config, address):
         if dataset is None:
@@ -110,7 +112,7 @@ def main(argv: Sequence[str] | None = None) -> float:
         print(f"resnet-train: warning: {line}", file=sys.stderr, flush=True)
     with sigterm_interrupts():
         try:
-            metrics = train(config, args.address)
+            metrics = train(config, args.address, verify_data=args.verify_data)
         except (ConfigError, ManifestError, storage.StorageError) as e:
             raise _fail(e, EXIT_BAD_CONFIG) from None
         except (TrainingInterrupted, KeyboardInterrupt) as e:

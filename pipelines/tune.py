@@ -339,11 +339,12 @@ def validate_sweep(sweep: SweepConfig) -> None:
             raise ConfigError(f"trial {_shown(params)}: {e}") from None
 
 
-def check_dataset(sweep: SweepConfig) -> Manifest:
+def check_dataset(sweep: SweepConfig, *, verify_data: bool = False) -> Manifest:
     """resnet-train's dataset checks for every model, and that every batch fits the data."""
     manifest = None
     for config in sweep.bases.values():
-        manifest, _ = checks.check_dataset(config)
+        manifest, _ = checks.check_dataset(config, verify_data=verify_data)
+        verify_data = False  # the same shards: read once
     for params in candidate_params(sweep):
         config = trial_config(sweep.bases, params, child_run_name(sweep.name, TRIAL_ID_EXAMPLE))
         try:
@@ -1022,7 +1023,7 @@ def close_sweep(
     return 1 if failed or best is None else 0
 
 
-def launch(sweep: SweepConfig, address: str | None) -> int:
+def launch(sweep: SweepConfig, address: str | None, *, verify_data: bool = False) -> int:
     """The checks, then the sweep on a Ray cluster (attached, or local for the duration)."""
     first = sweep.first
     for config in sweep.bases.values():
@@ -1030,7 +1031,7 @@ def launch(sweep: SweepConfig, address: str | None) -> int:
     checks.check_locations(first)
     checks.check_gpu_locally(first, address)
     demo_data_missing = checks.needs_demo_data(first)
-    manifest = None if demo_data_missing else check_dataset(sweep)
+    manifest = None if demo_data_missing else check_dataset(sweep, verify_data=verify_data)
     with training_session(first, address):  # sized for one trial
         if manifest is None:
             checks.ensure_demo_data(first)
@@ -1053,7 +1054,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.print_config:
         return 0
     try:
-        return launch(sweep, args.address)
+        return launch(sweep, args.address, verify_data=args.verify_data)
     except (ConfigError, ManifestError, storage.StorageError, CheckpointError) as e:
         print(f"resnet-tune: {e}", file=sys.stderr)
         return 2

@@ -186,3 +186,53 @@ def test_manifest_without_train_split_has_no_mean_image(tmp_path):
     assert m.pixel_mean_rgb is None
     with pytest.raises(manifest_lib.ManifestError, match="no mean image"):
         manifest_lib.load_mean_image(m)
+
+
+def _dataset_with_shards(tmp_path) -> manifest_lib.Manifest:
+    """A manifest whose train split names two real files with their true sizes and sha256."""
+    data = _manifest_dict()
+    shards = []
+    for i, content in enumerate((b"first shard bytes", b"second")):
+        path = tmp_path / "train" / f"shard-{i:05d}-of-00002.parquet"
+        path.parent.mkdir(exist_ok=True)
+        path.write_bytes(content)
+        shards.append(
+            {
+                "path": f"train/{path.name}",
+                "num_rows": 1,
+                "bytes": len(content),
+                "sha256": hashlib.sha256(content).hexdigest(),
+            }
+        )
+    data["splits"]["train"] = {"num_rows": 2, "shards": shards}
+    fs, root = storage.resolve(str(tmp_path))
+    manifest_lib.write_manifest(fs, root, data)
+    return manifest_lib.read_manifest(str(tmp_path))
+
+
+def test_verify_shards_names_a_missing_or_cut_short_shard_and_the_fix(tmp_path):
+    m = _dataset_with_shards(tmp_path)
+    manifest_lib.verify_shards(m, ["train", "val"], sha256=True)
+    second = tmp_path / "train" / "shard-00001-of-00002.parquet"
+    second.write_bytes(b"sec")  # cut short
+    with pytest.raises(
+        manifest_lib.ManifestError,
+        match=rf"shard train/{second.name} of {tmp_path} is 3 bytes, the manifest says 6: .* "
+        rf"re-run resnet-prepare with --out {tmp_path}",
+    ):
+        manifest_lib.verify_shards(m, ["train"])
+    second.unlink()
+    with pytest.raises(manifest_lib.ManifestError, match=f"{second.name} .* is missing"):
+        manifest_lib.verify_shards(m, ["train"])
+
+
+def test_verify_shards_checks_sha256_only_when_asked(tmp_path):
+    m = _dataset_with_shards(tmp_path)
+    (tmp_path / "train" / "shard-00000-of-00002.parquet").write_bytes(b"FIRST SHARD BYTES")
+    manifest_lib.verify_shards(m, ["train"])  # the same size: the cheap check passes
+    with pytest.raises(
+        manifest_lib.ManifestError,
+        match=r"shard-00000-of-00002\.parquet .* has other bytes than the manifest's sha256: .* "
+        r"delete it and re-run resnet-prepare",
+    ):
+        manifest_lib.verify_shards(m, ["train"], sha256=True)

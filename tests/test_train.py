@@ -421,6 +421,37 @@ def test_s3_locations_are_checked_before_ray_starts(s3_server, tmp_path):
         shutil.rmtree(ray_tmp, ignore_errors=True)
 
 
+def test_damaged_shards_are_found_before_ray_starts(tiny_data, tmp_path):
+    """Shard sizes are always checked against the manifest; --verify-data adds sha256."""
+    cut, altered = tmp_path / "cut", tmp_path / "altered"
+    for copy in (cut, altered):
+        shutil.copytree(tiny_data, copy)
+    shard = sorted((tiny_data / "train").glob("*.parquet"))[0].relative_to(tiny_data)
+    data = (tiny_data / shard).read_bytes()
+    (cut / shard).write_bytes(data[: len(data) // 2])
+    (altered / shard).write_bytes(data[:-1] + bytes([data[-1] ^ 1]))  # same size
+    marker = f"damaged-{uuid.uuid4().hex}"
+    ray_tmp = Path(tempfile.mkdtemp(prefix="rr-", dir="/tmp"))
+    env = _base_env(
+        marker,
+        RAY_AUTH_MODE="disabled",
+        RAY_TMPDIR=str(ray_tmp),
+        MLFLOW_TRACKING_URI=f"sqlite:///{tmp_path / 'mlflow.db'}",
+    )
+    cases = [
+        (["--data", str(cut)], f"shard {shard} of {cut} is {len(data) // 2} bytes"),
+        (["--data", str(altered), "--verify-data"], f"shard {shard} of {altered} has other bytes"),
+    ]
+    try:
+        drivers = [Driver(args, env, tmp_path) for args, _ in cases]
+        for driver, (_, message) in zip(drivers, cases, strict=True):
+            _expect_bad_config(driver, message)
+        assert not list(ray_tmp.rglob("session_*")), "Ray was started"
+        assert not _marked_pids(marker)
+    finally:
+        shutil.rmtree(ray_tmp, ignore_errors=True)
+
+
 def test_gpu_request_on_a_cluster_without_gpus_exits_2(cluster, tiny_data, mlflow_uri, tmp_path):
     marker = f"gpu-{uuid.uuid4().hex}"
     env = cluster.client_env(marker, MLFLOW_TRACKING_URI=mlflow_uri)

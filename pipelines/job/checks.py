@@ -14,7 +14,7 @@ import torch
 from pipelines import storage, tracking
 from pipelines.config import ConfigError, JobConfig, flatten
 from pipelines.job.parts import StepPlan, model_options, plan_steps
-from pipelines.manifest import Manifest, ManifestError, read_manifest
+from pipelines.manifest import Manifest, ManifestError, read_manifest, verify_shards
 from resnet_core.models import create_model
 
 DEMO_DATA = "data/synthetic-cifar"
@@ -50,13 +50,15 @@ def check_gpu_locally(config: JobConfig, address: str | None) -> None:
         )
 
 
-def check_dataset(config: JobConfig) -> tuple[Manifest, StepPlan]:
-    """The manifest, its splits, and that the recipe fits the dataset."""
+def check_dataset(config: JobConfig, *, verify_data: bool = False) -> tuple[Manifest, StepPlan]:
+    """The manifest, its splits, every shard's size (``verify_data``: and sha256) against the
+    manifest, and that the recipe fits the dataset."""
     d = config.data
     manifest = read_manifest(d.uri)
     manifest.split(d.train_split)
     if manifest.num_rows(d.val_split) == 0:
         raise ConfigError(f"data.val_split={d.val_split!r} of {d.uri} has no images")
+    verify_shards(manifest, [d.train_split, d.val_split], sha256=verify_data)
     if d.mean == "per_pixel" and manifest.mean_image_uri is None:
         raise ConfigError(f"data.mean=per_pixel but {d.uri} has no mean image; use per_channel")
     if (d.mean == "per_channel" or (d.normalize_std and d.mean != "imagenet")) and (

@@ -34,6 +34,12 @@ def add_job_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--storage", help="checkpoint storage: a path or s3://bucket/prefix")
     parser.add_argument("--experiment", help="MLflow experiment name")
     parser.add_argument("--address", help="Ray cluster address (default: RAY_ADDRESS or local)")
+    parser.add_argument(
+        "--verify-data",
+        action="store_true",
+        help="before starting, check every shard's sha256 against the manifest (reads the whole "
+        "dataset; shard sizes are always checked)",
+    )
     parser.add_argument("--print-config", action="store_true", help="print the config and exit")
     parser.add_argument("overrides", nargs="*", help="section.key=value overrides")
 
