@@ -59,6 +59,7 @@ from torch import Tensor
 from pipelines import data as data_lib
 from pipelines import storage, tracking
 from pipelines.config import ConfigError, JobConfig, check_experiment_name
+from pipelines.job.checks import check_store
 from pipelines.job.inference import (
     MODES,
     EvalInputError,
@@ -453,7 +454,7 @@ def resolve_protocol(args: argparse.Namespace, config: JobConfig) -> Protocol:
 
 
 def _fail(message: object, status: int) -> int:
-    print(f"resnet-eval: {message}", file=sys.stderr, flush=True)
+    print(f"resnet-eval: {storage.redact(str(message))}", file=sys.stderr, flush=True)
     return status
 
 
@@ -487,6 +488,7 @@ def resolve_evaluation(args: argparse.Namespace, tracking_uri: str) -> Evaluatio
     CheckpointError, ManifestError, StorageError) when they do not fit."""
     modes = parse_modes(args.modes)
     check_numbers(args)
+    check_store()  # the run is logged there at the end; a models:/ or runs:/ model is read now
     trained = load_trained_model(args.model, tracking_uri)
     protocol = resolve_protocol(args, trained.config)
     data_uri = storage.absolute_uri(args.data or trained.config.data.uri)

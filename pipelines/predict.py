@@ -26,8 +26,9 @@ from pathlib import Path
 
 import torch
 
-from pipelines import storage, tracking
+from pipelines import storage
 from pipelines.config import ConfigError
+from pipelines.job.checks import check_store
 from pipelines.job.inference import (
     MODES,
     EvalInputError,
@@ -79,14 +80,14 @@ def format_top(probabilities: torch.Tensor, classes: Sequence[str], names: Seque
 
 
 def _fail(message: object) -> None:
-    print(f"resnet-predict: {message}", file=sys.stderr, flush=True)
+    print(f"resnet-predict: {storage.redact(str(message))}", file=sys.stderr, flush=True)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Score each image; returns the exit status (see the module docstring)."""
     args = build_parser().parse_args(argv)
     try:
-        trained = load_trained_model(args.model, tracking.tracking_uri())
+        trained = load_trained_model(args.model, check_store())
         data_uri = storage.absolute_uri(args.data or trained.config.data.uri)
         manifest = read_manifest(data_uri)
         spec = model_spec(trained, manifest)

@@ -28,11 +28,14 @@ location (one line on stderr, nothing written).
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from collections.abc import Sequence
 from pathlib import Path
 
 from pipelines import storage
+from pipelines.config import ConfigError
+from pipelines.job.session import check_reachable
 from pipelines.shards import (
     PIL_MAX_PIXELS,
     PrepareConfig,
@@ -178,8 +181,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         config = config_from_args(args)
         check_locations(config)
         listing = list_source(config)
-    except (PrepareError, SourceError, storage.StorageError) as e:
-        print(f"resnet-prepare: {e}", file=sys.stderr)
+        if address := config.address or os.environ.get("RAY_ADDRESS"):
+            check_reachable(address)
+    except (PrepareError, SourceError, storage.StorageError, ConfigError) as e:
+        print(f"resnet-prepare: {storage.redact(str(e))}", file=sys.stderr)
         return 2
     print(describe_config(config), flush=True)
     return prepare(config, listing)

@@ -39,7 +39,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from pipelines import tracking
+from pipelines import storage, tracking
 from resnet_core.models import is_cifar_model
 from resnet_core.paper import PAPER, PaperValue
 
@@ -540,7 +540,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                 "or resnet-eval runs)"
             )
     except ReportInputError as e:
-        print(f"resnet-report: {e}", file=sys.stderr, flush=True)
+        print(f"resnet-report: {storage.redact(str(e))}", file=sys.stderr, flush=True)
         return EXIT_BAD_INPUT
     files = write_report(client, runs, Path(args.out), selection)
     run_id = log_report(client, files, experiment_id, args.parent, selection)

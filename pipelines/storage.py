@@ -15,9 +15,10 @@ from __future__ import annotations
 
 import functools
 import os
+import re
 import uuid
 from pathlib import Path
-from urllib.parse import urlsplit, urlunsplit
+from urllib.parse import urlsplit
 
 import pyarrow.fs as pafs
 
@@ -48,12 +49,15 @@ def is_s3(uri: str) -> bool:
     return uri.startswith("s3://")
 
 
-def redact(uri: str) -> str:
-    """``uri`` with any ``user:password@`` part removed, safe to print, log or store."""
-    parts = urlsplit(uri)
-    if not parts.scheme or "@" not in parts.netloc:
-        return uri
-    return urlunsplit(parts._replace(netloc=parts.netloc.rpartition("@")[2]))
+# ``scheme://user:password@`` anywhere in a text (a URI, or an error message quoting one).
+_USERINFO = re.compile(r"\b([a-zA-Z][a-zA-Z0-9+.-]*://)[^/@\s]*@")
+
+
+def redact(text: str) -> str:
+    """``text`` with the user info of every URI in it removed (``s3://key:secret@bucket`` ->
+    ``s3://bucket``): safe to print, log or store. The one redaction every command uses, on
+    locations and on error messages that may quote them."""
+    return _USERINFO.sub(r"\1", text)
 
 
 def absolute_uri(uri: str) -> str:

@@ -13,15 +13,15 @@
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import math
 import os
 import platform
-import re
 import subprocess
 import sys
 import time
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -30,6 +30,7 @@ from mlflow.entities import Metric, Param, Run, RunTag
 from mlflow.tracking import MlflowClient
 from ray.train import Checkpoint, UserCallback
 
+from pipelines import storage
 from resnet_core import jpeg
 
 RUN_NAME_TAG = "resnet_ray.run_name"
@@ -48,6 +49,56 @@ def tracking_uri(workdir: str | Path | None = None) -> str:
     return f"sqlite:///{root / EMBEDDED_DB}"
 
 
+class StoreUnreachable(ValueError):
+    """The MLflow store cannot be reached; one line naming it (no credentials) and the fix."""
+
+
+# A check before a command starts gives up within ~12 s: MLflow's own client retries a dead
+# server 7 times with backoff, about four minutes.
+CHECK_TIMEOUT_S, CHECK_RETRIES = 5, 1
+_HTTP_SETTINGS = ("MLFLOW_HTTP_REQUEST_TIMEOUT", "MLFLOW_HTTP_REQUEST_MAX_RETRIES")
+
+
+@contextlib.contextmanager
+def bounded_requests() -> Iterator[None]:
+    """MLflow's HTTP client, inside the block, tries ``CHECK_RETRIES + 1`` times with a
+    ``CHECK_TIMEOUT_S`` timeout (MLflow reads these settings from the environment per request)."""
+    saved = {name: os.environ.get(name) for name in _HTTP_SETTINGS}
+    os.environ.update(zip(_HTTP_SETTINGS, (str(CHECK_TIMEOUT_S), str(CHECK_RETRIES)), strict=True))
+    try:
+        yield
+    finally:
+        for name, value in saved.items():
+            if value is None:
+                os.environ.pop(name, None)
+            else:
+                os.environ[name] = value
+
+
+def store_error(uri: str, error: BaseException) -> StoreUnreachable:
+    """The one-line error for a store that did not answer; credentials never in it."""
+    text = " ".join(str(error).split())
+    if len(text) > 240:  # MLflow quotes the whole request; the cause is at the end
+        text = f"{text[:120]} ... {text[-100:]}"
+    return StoreUnreachable(
+        f"cannot reach the MLflow store {storage.redact(uri)} ({type(error).__name__}: "
+        f"{storage.redact(text)}); check MLFLOW_TRACKING_URI and that the server is up"
+    )
+
+
+def check_store(uri: str) -> None:
+    """Reach the store within seconds (a server: one request, bounded); an embedded store that
+    does not exist yet is fine. StoreUnreachable otherwise."""
+    if uri.startswith("sqlite:///") and not Path(uri.removeprefix("sqlite:///")).exists():
+        return
+    quiet_store_logs()
+    try:
+        with bounded_requests():
+            MlflowClient(tracking_uri=uri).search_experiments(max_results=1)
+    except Exception as e:  # any failure to reach or read the store
+        raise store_error(uri, e) from None
+
+
 def quiet_store_logs() -> None:
     """MLflow announces creating and upgrading its SQLite tables, and checking a logged model's
     input example, at INFO on stderr, which a command keeps for its own errors; warnings still
@@ -63,21 +114,16 @@ def ui_command(uri: str) -> str:
     command works without activating the environment. User info never appears in it.
     """
     if uri.startswith(("http://", "https://")):
-        return f"open {strip_userinfo(uri)}"
+        return f"open {storage.redact(uri)}"
     beside = Path(sys.executable).parent / "mlflow"
     program = str(beside) if beside.exists() else "mlflow"
     if not uri.startswith("sqlite:///"):
-        return f"{program} ui --backend-store-uri {strip_userinfo(uri)} --port 5000"
+        return f"{program} ui --backend-store-uri {storage.redact(uri)} --port 5000"
     root = Path(uri.removeprefix("sqlite:///")).parent
     return (
         f"{program} ui --backend-store-uri {uri} "
         f"--default-artifact-root {root / EMBEDDED_ARTIFACTS} --port 5000"
     )
-
-
-def strip_userinfo(uri: str) -> str:
-    """``scheme://user:secret@host/x`` → ``scheme://host/x``: credentials never reach a log."""
-    return re.sub(r"^([a-zA-Z][a-zA-Z0-9+.-]*://)[^/@]*@", r"\1", uri)
 
 
 def ensure_experiment(client: MlflowClient, name: str, uri: str) -> str:
@@ -251,7 +297,7 @@ class MlflowReporter(UserCallback):
         if batch:
             client.log_batch(self.run_id, metrics=batch)
         if checkpoint is not None:
-            uri = strip_userinfo(checkpoint.path)
+            uri = storage.redact(checkpoint.path)
             if checkpoint.filesystem is not None and "://" not in uri:
                 scheme = checkpoint.filesystem.type_name
                 uri = f"{scheme}://{uri}" if scheme != "local" else uri

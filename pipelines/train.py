@@ -89,7 +89,7 @@ def train(config: JobConfig, address: str | None, *, verify_data: bool = False) 
 
 
 def _fail(message: object, status: int) -> SystemExit:
-    print(f"resnet-train: {message}", file=sys.stderr, flush=True)
+    print(f"resnet-train: {storage.redact(str(message))}", file=sys.stderr, flush=True)
     return SystemExit(status)
 
 

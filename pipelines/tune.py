@@ -974,7 +974,7 @@ def run_sweep(sweep: SweepConfig, manifest: Manifest) -> int:
     experiment_id, parent_run_id, resumed = open_parent_run(client, uri, sweep, manifest)
     print(
         f"MLflow parent run {parent_run_id} ({'resumed' if resumed else 'new'}) in "
-        f"{tracking.strip_userinfo(uri)}",
+        f"{storage.redact(uri)}",
         flush=True,
     )
     try:
@@ -1030,6 +1030,7 @@ def launch(sweep: SweepConfig, address: str | None, *, verify_data: bool = False
         checks.check_model(config)
     checks.check_locations(first)
     checks.check_gpu_locally(first, address)
+    checks.check_store()
     demo_data_missing = checks.needs_demo_data(first)
     manifest = None if demo_data_missing else check_dataset(sweep, verify_data=verify_data)
     with training_session(first, address):  # sized for one trial
@@ -1047,7 +1048,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         sweep = resolve_sweep(args)
         validate_sweep(sweep)
     except (ConfigError, ValueError) as e:
-        print(f"resnet-tune: {e}", file=sys.stderr)
+        print(f"resnet-tune: {storage.redact(str(e))}", file=sys.stderr)
         return 2
     print(describe(sweep), flush=True)
     print("base config:\n" + json.dumps(to_dict(sweep.first), indent=2), flush=True)
@@ -1056,7 +1057,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         return launch(sweep, args.address, verify_data=args.verify_data)
     except (ConfigError, ManifestError, storage.StorageError, CheckpointError) as e:
-        print(f"resnet-tune: {e}", file=sys.stderr)
+        print(f"resnet-tune: {storage.redact(str(e))}", file=sys.stderr)
         return 2
 
 

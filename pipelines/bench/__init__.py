@@ -18,6 +18,7 @@ import importlib
 import sys
 from collections.abc import Sequence
 
+from pipelines import storage
 from pipelines.bench.common import BenchError
 
 COMMANDS = ("data", "train", "memory", "gpu", "scaling")
@@ -40,6 +41,6 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         modules[args.command].run(args)
     except BenchError as e:
-        print(f"resnet-bench: {e}", file=sys.stderr)
+        print(f"resnet-bench: {storage.redact(str(e))}", file=sys.stderr)
         return 2
     return 0

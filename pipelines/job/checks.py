@@ -72,23 +72,34 @@ def check_dataset(config: JobConfig, *, verify_data: bool = False) -> tuple[Mani
     return manifest, plan
 
 
-def check_resumable(config: JobConfig) -> None:
-    """A run of this name in the MLflow store must have been started with the same config."""
+def check_store() -> str:
+    """The tracking URI, once its MLflow store answered: ConfigError within seconds otherwise
+    (one line, no credentials)."""
     uri = tracking.tracking_uri()
+    try:
+        tracking.check_store(uri)
+    except tracking.StoreUnreachable as e:
+        raise ConfigError(str(e)) from None
+    return uri
+
+
+def check_resumable(config: JobConfig) -> None:
+    """The MLflow store answers (within seconds), and a run of this name in it was started with
+    the same config."""
+    uri = check_store()
     if uri.startswith("sqlite:///") and not Path(uri.removeprefix("sqlite:///")).exists():
         return  # a new embedded store holds no runs; the run creates it
     from mlflow.tracking import MlflowClient
 
-    tracking.quiet_store_logs()
     client = MlflowClient(tracking_uri=uri)
     try:
-        experiment = client.get_experiment_by_name(config.run.experiment)
-        run = experiment and tracking.find_run(client, experiment.experiment_id, config.run_name)
+        with tracking.bounded_requests():
+            experiment = client.get_experiment_by_name(config.run.experiment)
+            run = experiment and tracking.find_run(
+                client, experiment.experiment_id, config.run_name
+            )
     except Exception as e:  # any failure to reach or read the store
-        raise ConfigError(
-            f"cannot read the MLflow store {tracking.strip_userinfo(uri)} "
-            f"({type(e).__name__}: {' '.join(str(e).split())[:200]}); check MLFLOW_TRACKING_URI"
-        ) from None
+        raise ConfigError(str(tracking.store_error(uri, e))) from None
     if run is None:
         return
     conflicts = tracking.param_conflicts(run.data.params, flatten(config))

@@ -117,7 +117,7 @@ def _from_run(run_id: str, subpath: str, tracking_uri: str, origin: str) -> Trai
     import mlflow
     from mlflow.exceptions import MlflowException
 
-    where = tracking.strip_userinfo(tracking_uri)
+    where = storage.redact(tracking_uri)
     if not _store_exists(tracking_uri):
         raise EvalInputError(
             f"{origin}: there is no MLflow store at {where}; set MLFLOW_TRACKING_URI"
@@ -158,7 +158,7 @@ def _from_registry(uri: str, tracking_uri: str) -> TrainedModel:
     rest = uri.removeprefix("models:/").strip("/")
     if not _store_exists(tracking_uri):
         raise EvalInputError(
-            f"{uri}: there is no MLflow store at {tracking.strip_userinfo(tracking_uri)}; set "
+            f"{uri}: there is no MLflow store at {storage.redact(tracking_uri)}; set "
             "MLFLOW_TRACKING_URI"
         )
     client = _client(tracking_uri)
@@ -180,7 +180,7 @@ def _from_registry(uri: str, tracking_uri: str) -> TrainedModel:
                 version = client.get_model_version(name, number)
     except MlflowException:
         raise EvalInputError(
-            f"{uri} is not in the model registry of {tracking.strip_userinfo(tracking_uri)} — "
+            f"{uri} is not in the model registry of {storage.redact(tracking_uri)} — "
             "check the name and version (resnet-train registers resnet-ray-<model>)"
         ) from None
     if not version.run_id:

@@ -64,6 +64,7 @@ def ray_session(
         return
     previous_sigterm = signal.getsignal(signal.SIGTERM)
     if address or os.environ.get("RAY_ADDRESS"):
+        check_reachable(address or os.environ["RAY_ADDRESS"])
         ray.init(address=address)
     else:
         port = free_loopback_port()
@@ -99,6 +100,28 @@ def training_session(
         gpus_needed=sc.num_workers * sc.gpus_per_worker if sc.use_gpu else 0,
         gpus_for=f"scale.use_gpu=true with {sc.num_workers} workers",
     )
+
+
+# A GCS that does not answer makes ray.init retry for minutes ("Failed to get cluster ID").
+CONNECT_TIMEOUT_S = 5
+
+
+def check_reachable(address: str) -> None:
+    """A ``host:port`` cluster address answers a TCP connection within seconds; ConfigError
+    naming it otherwise. Other forms (``auto``, ``ray://``, a dashboard URL) are Ray's to
+    resolve."""
+    host, sep, port = address.rpartition(":")
+    if not sep or "/" in address or not port.isdigit():
+        return
+    try:
+        with socket.create_connection((host, int(port)), timeout=CONNECT_TIMEOUT_S):
+            pass
+    except OSError as e:
+        raise ConfigError(
+            f"cannot reach the Ray cluster at {address} ({e.strerror or type(e).__name__}); "
+            "check --address / RAY_ADDRESS (the head node's GCS, host:port, e.g. "
+            "10.0.0.5:6379) and that the cluster is up"
+        ) from None
 
 
 def check_cluster_gpus(needed: float, what: str) -> None:

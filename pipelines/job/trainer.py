@@ -105,8 +105,7 @@ def run_training(
     client = MlflowClient(tracking_uri=uri)
     run_id, resumed = _open_run(client, uri, config, manifest, plan)
     print(
-        f"MLflow run {run_id} ({'resumed' if resumed else 'new'}) in "
-        f"{tracking.strip_userinfo(uri)}",
+        f"MLflow run {run_id} ({'resumed' if resumed else 'new'}) in {storage.redact(uri)}",
         flush=True,
     )
     try:
