@@ -178,3 +178,31 @@ def test_the_final_model_of_a_compiled_run_loads_and_resnet_eval_scores_it(
     assert evaluate.main([f"runs:/{run_id}", "--modes", "center,tencrop"]) == 0
     out = capsys.readouterr().out
     assert f"{CLASSES * VAL_PER_CLASS} images" in out
+
+
+# ---------------------------------------------------------------------------------------------
+# Exact resume against the gold standard: the same run, uninterrupted
+# ---------------------------------------------------------------------------------------------
+
+
+def _final_weights(config: JobConfig, extensions: list[Extension]) -> dict[str, torch.Tensor]:
+    manifest, plan = check_dataset(config)
+    run_training(config, manifest, plan, extensions)
+    newest = max(Path(config.run.storage_path, config.run_name).glob("checkpoint-*"))
+    return load_checkpoint(newest)["model"]
+
+
+def test_a_run_interrupted_mid_epoch_ends_with_the_uninterrupted_runs_weights(
+    dataset, mlflow_uri, tmp_path
+):
+    """Killed after step 5 (the checkpoint at step 4 is one batch into epoch 2), restarted,
+    finished: every weight and buffer equals the uninterrupted run's, bit for bit (CPU)."""
+    gold = _config(dataset, tmp_path / "gold")
+    gold = dataclasses.replace(gold, run=dataclasses.replace(gold.run, name="gold"))
+    resumed = dataclasses.replace(gold, run=dataclasses.replace(gold.run, name="resumed"))
+    expected = _final_weights(gold, [])
+    got = _final_weights(resumed, [FailOnce(str(tmp_path / "failed"))])
+    assert (tmp_path / "failed").exists()
+    assert expected.keys() == got.keys()
+    different = [k for k in expected if not torch.equal(expected[k], got[k])]
+    assert different == []
