@@ -28,6 +28,11 @@ from resnet_core.step import Precision
 from resnet_core.transforms import AugmentMode
 
 RUN_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,127}")
+# Ray node labels (Kubernetes' syntax): an optional DNS prefix, a name, a value.
+LABEL = re.compile(
+    r"([a-z0-9]([-a-z0-9.]*[a-z0-9])?/)?[A-Za-z0-9]([-A-Za-z0-9_.]{0,61}[A-Za-z0-9])?"
+)
+LABEL_VALUE = re.compile(r"([A-Za-z0-9]([-A-Za-z0-9_.]{0,61}[A-Za-z0-9])?)?")
 # per_pixel: the paper's mean image (§3.4); per_channel: the dataset's channel means;
 # imagenet: torchvision's ImageNet constants.
 MeanMode = Literal["per_pixel", "per_channel", "imagenet"]
@@ -77,6 +82,9 @@ class DataConfig:
     decode_cpus: float = 1.0  # CPUs per Ray Data decode task
     decode_concurrency: int | None = None  # decode tasks per worker pipeline; None: Ray decides
     decode_device: DecodeDevice = "cpu"
+    # Decode tasks go to nodes with this label first (the cluster configs' CPU-only decode
+    # nodes), then anywhere with a free CPU; none: anywhere.
+    decode_nodes: str | None = "resnet-ray/role=decode"
     prefetch_batches: int = 2
     shuffle_buffer: int = 1024  # rows in each worker's local shuffle buffer (after file shuffle)
     seed: int = 0
@@ -98,6 +106,13 @@ class DataConfig:
             f"data.decode_device=device decodes JPEG crops on the worker; data.augment="
             f"{self.augment!r} reads 32x32 images whole: use data.decode_device=cpu",
         )
+        if self.decode_nodes is not None:
+            key, sep, value = self.decode_nodes.partition("=")
+            _require(
+                bool(sep and LABEL.fullmatch(key) and LABEL_VALUE.fullmatch(value)),
+                f"data.decode_nodes={self.decode_nodes!r} is not a node label key=value (e.g. "
+                "resnet-ray/role=decode); or none to decode anywhere",
+            )
         _require(
             self.prefetch_batches >= 0,
             f"data.prefetch_batches={self.prefetch_batches} must be >= 0",

@@ -162,6 +162,8 @@ class DecodeOptions:
     multiple of map_batch_rows (default :func:`default_task_rows`: about 16 MB of output).
     device: decode on this device in the iterating process (the Train worker's GPU; see the
     module docstring) instead of in the tasks; None: in the tasks.
+    prefer_nodes: node labels (key, value) the decode tasks go to first (CPU-only decode nodes);
+    when none has a free CPU, or the cluster has none, any node takes them.
     prefetch_batches, shuffle_buffer (rows of Ray's local shuffle buffer, training only; None:
     off), pin_memory (pinned host batches for ``.to(cuda, non_blocking=True)``): iteration.
     """
@@ -174,6 +176,7 @@ class DecodeOptions:
     map_batch_rows: int = 64
     task_rows: int | None = None
     device: torch.device | None = None
+    prefer_nodes: tuple[tuple[str, str], ...] = ()
     prefetch_batches: int = 2
     shuffle_buffer: int | None = None
     pin_memory: bool = False
@@ -675,6 +678,13 @@ def build_dataset(plan: EpochPlan, options: DecodeOptions) -> ray.data.Dataset:
     # its descendants'), not the process-wide one. No progress bars in Train workers' logs.
     ds.context.execution_options.preserve_order = True
     ds.context.enable_progress_bars = False
+    placement = {}
+    if options.prefer_nodes:
+        # Ray's label scheduling: the labelled nodes first, then (the fallback) any node.
+        placement = {
+            "label_selector": dict(options.prefer_nodes),
+            "fallback_strategy": [{"label_selector": {}}],
+        }
     return ds.map_batches(
         _decode_chunk,
         batch_size=1,
@@ -682,6 +692,7 @@ def build_dataset(plan: EpochPlan, options: DecodeOptions) -> ray.data.Dataset:
         fn_kwargs={"options": options, "seed": plan.seed, "epoch": plan.epoch},
         num_cpus=options.num_cpus,
         concurrency=options.concurrency,
+        **placement,
     )
 
 

@@ -229,19 +229,24 @@ class LocalCluster:
         name: str,
         num_cpus: int,
         *,
+        num_gpus: int = 0,
         resources: str | None = None,
+        labels: str | None = None,
         object_store_bytes: int = 150_000_000,
     ) -> Node:
-        """`ray start --address <head>`: a worker node joining the running head."""
+        """`ray start --address <head>`: a worker node joining the running head. ``num_gpus``
+        declares logical GPUs (no device behind them); ``labels``: ``key=value,...``."""
         assert self.gcs_address, "start_head() first"
         args = [
             f"--address={self.gcs_address}",
             f"--num-cpus={num_cpus}",
-            "--num-gpus=0",
+            f"--num-gpus={num_gpus}",
             f"--object-store-memory={object_store_bytes}",
         ]
         if resources:
             args.append(f"--resources={resources}")
+        if labels:
+            args.append(f"--labels={labels}")
         return self._start(name, args, {})
 
     def stop(self) -> dict[int, str]:

@@ -124,6 +124,7 @@ def decode_options(config: JobConfig, *, mode: str, device: torch.device) -> dat
         num_cpus=d.decode_cpus,
         concurrency=d.decode_concurrency,
         device=device if d.decode_device == "device" else None,
+        prefer_nodes=(tuple(d.decode_nodes.split("=", 1)),) if d.decode_nodes else (),
         prefetch_batches=d.prefetch_batches,
         shuffle_buffer=(d.shuffle_buffer or None) if mode in data_lib.TRAIN_MODES else None,
         pin_memory=on_gpu,
