@@ -4,6 +4,11 @@ from __future__ import annotations
 
 import hashlib
 import io
+import re
+import shutil
+import signal
+import tempfile
+from pathlib import Path
 
 import boto3
 import numpy as np
@@ -12,7 +17,7 @@ import pyarrow.parquet as pq
 import pytest
 from PIL import Image
 
-from pipelines import prepare, storage
+from pipelines import prepare, storage, tracking
 from pipelines.manifest import ManifestError, load_mean_image, read_manifest
 
 
@@ -158,3 +163,74 @@ def test_credentials_in_uri_are_refused(s3_server, capsys):
     assert "are not accepted" in err
     assert "hunter2" not in err
     assert "AKIAXYZ" not in err
+
+
+@pytest.mark.slow
+def test_training_from_and_to_s3_survives_a_killed_driver(ray_s3, bucket, tmp_path, monkeypatch):
+    """Shards on S3, checkpoints on S3: the driver is SIGKILLed mid-epoch (its local Ray with
+    it), the same command resumes from the checkpoint on S3 at the exact batch, the one MLflow
+    run finishes, and resnet-eval scores the run folder on S3."""
+    from mlflow.tracking import MlflowClient
+
+    from pipelines import evaluate
+    from tests.drivers import Driver, base_env, marked, stop_marked
+
+    data_uri, runs_uri = f"s3://{bucket}/data", f"s3://{bucket}/runs"
+    argv = ["synthetic", "--classes", "4", "--train-per-class", "24", "--val-per-class", "4"]
+    assert prepare.main([*argv, "--out", data_uri]) == 0
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    ray_tmp = Path(tempfile.mkdtemp(prefix="rs-", dir="/tmp"))
+    marker = f"s3-train-{ray_tmp.name}"
+    env = base_env(
+        marker, RAY_AUTH_MODE="disabled", RAY_TMPDIR=str(ray_tmp), MLFLOW_TRACKING_URI=uri
+    )
+    args = [
+        "--data",
+        data_uri,
+        "--storage",
+        runs_uri,
+        "--name",
+        "s3run",
+        "--epochs",
+        "2",
+        "--workers",
+        "1",
+        "train.global_batch=16",
+        "train.log_every_steps=1",
+        "train.checkpoint_every_steps=3",
+    ]  # fmt: skip  (96 rows: 6 steps an epoch; checkpoints at 3, 6, 9 and 12)
+    try:
+        first = Driver(args, env, tmp_path)
+        first.wait_for(r"epoch 2/2 batch 4/6 ")  # past the checkpoint at step 9
+        first.process.send_signal(signal.SIGKILL)
+        first.finish()
+        stop_marked(marker)  # the killed driver's local Ray
+        second = Driver(args, env, tmp_path)
+        assert second.finish() == 0, second.output + second.stderr
+    finally:
+        stop_marked(marker)
+        shutil.rmtree(ray_tmp, ignore_errors=True)
+    assert not marked(marker)
+    # The newest checkpoint Ray had registered on S3 when the driver died: 9, or 6 when the
+    # step-9 upload was still in flight. Either way the rest of the run happens exactly once.
+    resumed = re.search(
+        r"resumed from step (\d+) \(epoch 2, (\d+) batches into it\)", second.output
+    )
+    assert resumed, second.output
+    step, into = (int(g) for g in resumed.groups())
+    assert (step, into) in ((6, 0), (9, 3)), second.output
+    client = MlflowClient(tracking_uri=uri)
+    (run,) = client.search_runs([client.get_experiment_by_name("resnet-ray").experiment_id])
+    assert run.info.status == "FINISHED"
+    samples = client.get_metric_history(run.info.run_id, "train/epoch_samples")
+    assert sorted((m.step, m.value) for m in samples) == [(6, 96), (12, 96)]
+    losses = [m.step for m in client.get_metric_history(run.info.run_id, "train/window_loss")]
+    assert sorted(losses) == list(range(1, 13))  # every step once (the epoch ends included)
+    assert run.data.tags["checkpoint.latest"].startswith(f"{runs_uri}/s3run/checkpoint-")
+    assert any(k.startswith("runs/s3run/checkpoint-") for k in object_keys(ray_s3, bucket))
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
+    assert evaluate.main([f"{runs_uri}/s3run", "--modes", "center"]) == 0
+    runs = client.search_runs([run.info.experiment_id])
+    (evaluation,) = [r for r in runs if r.info.run_id != run.info.run_id]
+    assert evaluation.data.tags[tracking.EVALUATES_TAG] == run.info.run_id
+    assert evaluation.data.metrics["eval/center/images"] == 16

@@ -17,10 +17,7 @@ import secrets
 import shutil
 import signal
 import subprocess
-import sys
 import tempfile
-import threading
-import time
 import uuid
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -28,13 +25,12 @@ from pathlib import Path
 
 import pytest
 
-from tests.clusters import cmdline, free_ports, marked_pids, signal_and_wait
+from tests.clusters import cmdline, free_ports
+from tests.drivers import PYTHON, Driver, base_env, marked, stop_marked
 from tests.jpeg_decoder import EXPECTED_DECODER
 
 REPO = Path(__file__).resolve().parents[1]
-PYTHON = sys.executable
-RAY_CLI = str(Path(sys.executable).parent / "ray")
-MARKER = "RESNET_RAY_TEST"
+RAY_CLI = str(Path(PYTHON).parent / "ray")
 HOME_RAY = Path.home() / ".ray"
 
 # The tiny dataset the cluster runs train on: 10 classes, 640 training and 200 validation images.
@@ -58,85 +54,6 @@ pytestmark = pytest.mark.slow
 # ---------------------------------------------------------------------------------------------
 # Processes
 # ---------------------------------------------------------------------------------------------
-
-
-def _marked_pids(marker: str) -> set[int]:
-    """PIDs of live processes whose environment holds RESNET_RAY_TEST=<marker>."""
-    return marked_pids(marker, MARKER)
-
-
-def _stop_marked(marker: str, grace_s: float = 10.0) -> None:
-    """SIGTERM every process carrying the marker, then SIGKILL what is left after the grace."""
-    signal_and_wait(lambda: _marked_pids(marker), signal.SIGTERM, wait_s=grace_s)
-    signal_and_wait(lambda: _marked_pids(marker), signal.SIGKILL, wait_s=5.0)
-
-
-def _base_env(marker: str, **extra: str) -> dict[str, str]:
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("RAY_", MARKER))}
-    env.update({MARKER: marker, "PYTHONUNBUFFERED": "1"}, **extra)
-    env["PATH"] = f"{Path(PYTHON).parent}{os.pathsep}{env.get('PATH', '')}"
-    return env
-
-
-class Driver:
-    """A running `python -m pipelines.train`, its output collected line by line."""
-
-    def __init__(self, args: list[str], env: dict[str, str], cwd: Path) -> None:
-        self.lines: list[str] = []
-        self._changed = threading.Condition()
-        self.process = subprocess.Popen(
-            [PYTHON, "-m", "pipelines.train", *args],
-            env=env,
-            cwd=cwd,
-            stdout=subprocess.PIPE,
-            stderr=subprocess.PIPE,
-            text=True,
-        )
-        self.stderr = ""
-        self._threads = [
-            threading.Thread(target=self._read_stdout, daemon=True),
-            threading.Thread(target=self._read_stderr, daemon=True),
-        ]
-        for t in self._threads:
-            t.start()
-
-    def _read_stdout(self) -> None:
-        for line in self.process.stdout:
-            with self._changed:
-                self.lines.append(line.rstrip("\n"))
-                self._changed.notify_all()
-
-    def _read_stderr(self) -> None:
-        self.stderr = self.process.stderr.read()
-
-    @property
-    def output(self) -> str:
-        return "\n".join(self.lines)
-
-    def wait_for(self, pattern: str, timeout: float = 240) -> re.Match:
-        """The first stdout match of ``pattern``; fails if the driver exits or time runs out."""
-        regex = re.compile(pattern)
-        deadline = time.monotonic() + timeout
-        seen = 0
-        with self._changed:
-            while True:
-                for line in self.lines[seen:]:
-                    if match := regex.search(line):
-                        return match
-                seen = len(self.lines)
-                if self.process.poll() is not None or time.monotonic() > deadline:
-                    pytest.fail(f"no line matching {pattern!r}:\n{self.output}\n{self.stderr}")
-                self._changed.wait(timeout=1.0)
-
-    def finish(self, timeout: float = 420) -> int:
-        try:
-            status = self.process.wait(timeout=timeout)
-        except subprocess.TimeoutExpired:
-            self.process.kill()
-            pytest.fail(f"resnet-train did not finish in {timeout} s:\n{self.output}")
-        for t in self._threads:
-            t.join(timeout=10)
-        return status
 
 
 def _train(args: list[str], env: dict[str, str], cwd: Path, timeout: float = 420) -> Driver:
@@ -171,7 +88,7 @@ class Cluster:
     marker: str
 
     def client_env(self, marker: str, **extra: str) -> dict[str, str]:
-        return _base_env(
+        return base_env(
             marker,
             RAY_ADDRESS=self.address,
             RAY_AUTH_MODE="token",
@@ -189,7 +106,7 @@ def cluster() -> Iterator[Cluster]:
     temp_dir = Path(tempfile.mkdtemp(prefix="rr-", dir="/tmp"))
     marker = f"cluster-{uuid.uuid4().hex}"
     token = secrets.token_hex(32)
-    env = _base_env(marker, RAY_AUTH_MODE="token", RAY_AUTH_TOKEN=token, RAY_TMPDIR=str(temp_dir))
+    env = base_env(marker, RAY_AUTH_MODE="token", RAY_AUTH_TOKEN=token, RAY_TMPDIR=str(temp_dir))
     try:
         # Ray gives its raylet 30 s to register; on an overloaded machine that can pass, so a
         # failed start is cleaned up and tried once more.
@@ -216,13 +133,13 @@ def cluster() -> Iterator[Cluster]:
             )  # fmt: skip
             if started.returncode == 0:
                 break
-            _stop_marked(marker)
+            stop_marked(marker)
             assert attempt == 1, started.stdout + started.stderr
         address = (temp_dir / "ray" / "ray_current_cluster").read_text().strip()
         yield Cluster(address, f"http://127.0.0.1:{dashboard}", token, temp_dir, marker)
     finally:
-        _stop_marked(marker)
-        left = {pid: cmdline(pid) for pid in _marked_pids(marker)}
+        stop_marked(marker)
+        left = {pid: cmdline(pid) for pid in marked(marker)}
         shutil.rmtree(temp_dir, ignore_errors=True)
         assert not left, f"cluster processes survived: {left}"
 
@@ -371,7 +288,7 @@ def bad_runs(tmp_path_factory) -> Iterator[dict[str, BadRun]]:
         (cwd / "empty").mkdir()
         ray_tmp = Path(tempfile.mkdtemp(prefix="rr-", dir="/tmp"))
         marker = f"bad-{uuid.uuid4().hex}"
-        env = _base_env(
+        env = base_env(
             marker,
             RAY_AUTH_MODE="disabled",
             RAY_TMPDIR=str(ray_tmp),
@@ -392,7 +309,7 @@ def test_bad_configuration_exits_2_before_ray_starts(case, bad_runs):
     run = bad_runs[case]
     _expect_bad_config(run.driver, BAD_CONFIGS[case][1].format(tmp=run.cwd))
     assert not list(run.ray_tmp.rglob("session_*")), "Ray was started"
-    assert not _marked_pids(run.marker)
+    assert not marked(run.marker)
     assert not (run.cwd / "results").exists()  # no checkpoint folder either
 
 
@@ -402,7 +319,7 @@ def test_s3_locations_are_checked_before_ray_starts(s3_server, tmp_path):
     boto3.client("s3", endpoint_url=s3_server).create_bucket(Bucket="shards")
     marker = f"s3-{uuid.uuid4().hex}"
     ray_tmp = Path(tempfile.mkdtemp(prefix="rr-", dir="/tmp"))
-    env = _base_env(marker, RAY_AUTH_MODE="disabled", RAY_TMPDIR=str(ray_tmp))
+    env = base_env(marker, RAY_AUTH_MODE="disabled", RAY_TMPDIR=str(ray_tmp))
     no_credentials = {
         k: v for k, v in env.items() if k not in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY")
     }
@@ -416,7 +333,7 @@ def test_s3_locations_are_checked_before_ray_starts(s3_server, tmp_path):
         for driver, (_, _, message) in zip(drivers, cases, strict=True):
             _expect_bad_config(driver, message)
         assert not list(ray_tmp.rglob("session_*")), "Ray was started"
-        assert not _marked_pids(marker)
+        assert not marked(marker)
     finally:
         shutil.rmtree(ray_tmp, ignore_errors=True)
 
@@ -432,7 +349,7 @@ def test_damaged_shards_are_found_before_ray_starts(tiny_data, tmp_path):
     (altered / shard).write_bytes(data[:-1] + bytes([data[-1] ^ 1]))  # same size
     marker = f"damaged-{uuid.uuid4().hex}"
     ray_tmp = Path(tempfile.mkdtemp(prefix="rr-", dir="/tmp"))
-    env = _base_env(
+    env = base_env(
         marker,
         RAY_AUTH_MODE="disabled",
         RAY_TMPDIR=str(ray_tmp),
@@ -447,7 +364,7 @@ def test_damaged_shards_are_found_before_ray_starts(tiny_data, tmp_path):
         for driver, (_, message) in zip(drivers, cases, strict=True):
             _expect_bad_config(driver, message)
         assert not list(ray_tmp.rglob("session_*")), "Ray was started"
-        assert not _marked_pids(marker)
+        assert not marked(marker)
     finally:
         shutil.rmtree(ray_tmp, ignore_errors=True)
 
@@ -459,7 +376,7 @@ def test_gpu_request_on_a_cluster_without_gpus_exits_2(cluster, tiny_data, mlflo
         Driver(["--data", str(tiny_data), "--gpu", "--name", "gpu"], env, tmp_path),
         "needs 2 GPUs but the cluster has 0",
     )
-    assert not _marked_pids(marker)
+    assert not marked(marker)
     client = _client(mlflow_uri)
     experiment = client.get_experiment_by_name("resnet-ray")
     assert experiment is None or not _runs_named(mlflow_uri, "gpu")  # no MLflow run opened
@@ -478,7 +395,7 @@ def test_demo_recipe_learns_on_a_local_ray(tmp_path, learn_data):
     marker = f"demo-{uuid.uuid4().hex}"
     ray_tmp = Path(tempfile.mkdtemp(prefix="rr-", dir="/tmp"))
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
-    env = _base_env(
+    env = base_env(
         marker,
         RAY_AUTH_MODE="token",
         RAY_AUTH_TOKEN=secrets.token_hex(32),
@@ -493,9 +410,9 @@ def test_demo_recipe_learns_on_a_local_ray(tmp_path, learn_data):
         )
         assert driver.process.returncode == 0, driver.output + driver.stderr
         assert list(ray_tmp.rglob("session_*")), "no local Ray was started"
-        assert not _marked_pids(marker), "Ray processes left behind"
+        assert not marked(marker), "Ray processes left behind"
     finally:
-        _stop_marked(marker)
+        stop_marked(marker)
         shutil.rmtree(ray_tmp, ignore_errors=True)
 
     top1 = float(re.search(r"final validation top-1: ([\d.]+)%", driver.output).group(1)) / 100
@@ -551,9 +468,7 @@ def finals() -> dict[str, dict[str, float]]:
 
 def _train_worker_pids(cluster: Cluster) -> list[int]:
     return sorted(
-        pid
-        for pid in _marked_pids(cluster.marker)
-        if cmdline(pid).startswith("ray::RayTrainWorker")
+        pid for pid in marked(cluster.marker) if cmdline(pid).startswith("ray::RayTrainWorker")
     )
 
 
