@@ -72,6 +72,7 @@ from pipelines.job import checks
 from pipelines.job.cli import add_job_arguments, flag_overrides, resolve_config
 from pipelines.job.final_model import log_final_model
 from pipelines.job.parts import plan_steps
+from pipelines.job.runner import Extension
 from pipelines.job.session import training_session
 from pipelines.job.trainer import build_trainer
 from pipelines.manifest import Manifest, ManifestError
@@ -448,6 +449,7 @@ class TrialSetup:
     experiment_id: str
     parent_run_id: str
     tags: dict[str, str]
+    extensions: tuple[Extension, ...] = ()  # features added to every trial's training loop
 
 
 class EvaluatedEpochReport(TuneReportCallback):
@@ -491,6 +493,7 @@ def run_trial(params: dict[str, Any], setup: TrialSetup) -> None:
         # MLflow first: Tune may stop the trial as soon as it sees the result, and the
         # epoch's metrics must be in the child run by then.
         callbacks=[tracking.MlflowReporter(setup.tracking_uri, run_id), EvaluatedEpochReport()],
+        extensions=setup.extensions,
     )
     trainer.fit()
 
@@ -963,8 +966,9 @@ def record_results(
 # ---------------------------------------------------------------------------------------------
 
 
-def run_sweep(sweep: SweepConfig, manifest: Manifest) -> int:
-    """Everything after the checks (Ray must be up); returns the exit status."""
+def run_sweep(sweep: SweepConfig, manifest: Manifest, extensions: Sequence[Extension] = ()) -> int:
+    """Everything after the checks (Ray must be up); returns the exit status. ``extensions``:
+    features added to every trial's training loop (:class:`pipelines.job.runner.Extension`)."""
     import ray
     from mlflow.tracking import MlflowClient
 
@@ -988,6 +992,7 @@ def run_sweep(sweep: SweepConfig, manifest: Manifest) -> int:
             experiment_id=experiment_id,
             parent_run_id=parent_run_id,
             tags=sweep_tags(sweep, manifest),
+            extensions=tuple(extensions),
         )
         closer = ChildRunCloser(uri, experiment_id, sweep.name, sweep.bases, manifest)
         experiment, filesystem = fit_sweep(sweep, setup, closer, concurrency)
@@ -1023,7 +1028,13 @@ def close_sweep(
     return 1 if failed or best is None else 0
 
 
-def launch(sweep: SweepConfig, address: str | None, *, verify_data: bool = False) -> int:
+def launch(
+    sweep: SweepConfig,
+    address: str | None,
+    *,
+    verify_data: bool = False,
+    extensions: Sequence[Extension] = (),
+) -> int:
     """The checks, then the sweep on a Ray cluster (attached, or local for the duration)."""
     first = sweep.first
     for config in sweep.bases.values():
@@ -1037,7 +1048,7 @@ def launch(sweep: SweepConfig, address: str | None, *, verify_data: bool = False
         if manifest is None:
             checks.ensure_demo_data(first)
             manifest = check_dataset(sweep)
-        return run_sweep(sweep, manifest)
+        return run_sweep(sweep, manifest, extensions)
 
 
 def main(argv: Sequence[str] | None = None) -> int:

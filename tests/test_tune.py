@@ -22,12 +22,15 @@ import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
+import ray
 from PIL import Image
 
 from pipelines import tracking
 from pipelines import tune as tune_cmd
+from pipelines.job.runner import Extension
 from pipelines.job.session import free_loopback_port
 
 pytestmark = pytest.mark.slow
@@ -403,3 +406,83 @@ def test_sweep_resumes_after_its_driver_is_killed(
         assert steps == sorted(set(steps))  # resumed runs log no step twice
         epochs = [m.value for m in client.get_metric_history(child.info.run_id, "epoch")]
         assert epochs == [1.0, 2.0]
+
+
+# ---------------------------------------------------------------------------------------------
+# Trials that fail: once (retried from their checkpoint), and every time (FAILED)
+# ---------------------------------------------------------------------------------------------
+
+
+class FailingTrial(Extension):
+    """Raises in a trial's Train worker after step 3 (the checkpoint at step 2 exists): once for
+    a model named in ``once`` (a marker file remembers it), every time for ``always``."""
+
+    def __init__(self, marker_dir: str, once: str, always: str) -> None:
+        self.marker_dir, self.once, self.always = marker_dir, once, always
+
+    def after_step(self, runner: Any, result: Any) -> None:
+        model = runner.config.model.name
+        with Path(self.marker_dir, f"steps-{model}").open("a") as steps:
+            steps.write(f"{runner.step}\n")  # every step trained, across the retries
+        marker = Path(self.marker_dir, model)
+        if runner.step == 3 and (
+            model == self.always or (model == self.once and not marker.exists())
+        ):
+            marker.touch()
+            raise RuntimeError(f"injected failure in the {model} trial")
+
+
+# The extension travels to the trials' workers, which cannot import this test module.
+ray.cloudpickle.register_pickle_by_value(sys.modules[__name__])
+
+
+def test_a_trial_that_fails_once_retries_from_its_checkpoint_one_that_always_fails_ends_failed(
+    ray_address: str, dataset: Path, mlflow_uri: str, tmp_path: Path, capsys
+) -> None:
+    """Train's own restarts are off (scale.max_failures=0), so the failures reach Tune: the
+    resnet8 trial fails once and Tune's retry (--max-failures 1) resumes its Train run from its
+    checkpoint; the resnet14 trial fails every time and ends FAILED; the sweep still finishes
+    and says so (exit 1, leaderboard, MLflow)."""
+    from mlflow.tracking import MlflowClient
+
+    storage = tmp_path / "results"
+    argv = sweep_args(
+        dataset,
+        storage,
+        "failing",
+        "--models", "resnet8,resnet14",
+        "--epochs", "2",
+        "--grace-period", "2",
+        "--max-failures", "1",
+        "scale.max_failures=0",
+        "train.checkpoint_every_steps=2",
+    )  # fmt: skip
+    sweep = tune_cmd.resolve_sweep(tune_cmd.build_parser().parse_args(argv))
+    failing = FailingTrial(str(tmp_path), once="resnet8", always="resnet14")
+    status = tune_cmd.launch(sweep, address=None, extensions=[failing])
+    out = capsys.readouterr().out
+    assert status == 1, out[-3000:]
+    assert "1 trials failed" in out
+
+    client = MlflowClient(tracking_uri=mlflow_uri)
+    parent, children = sweep_runs(client, "failing")
+    assert parent.info.status == "FINISHED"
+    by_model = {c.data.params["model.name"]: c for c in children}
+    retried, failed = by_model["resnet8"], by_model["resnet14"]
+    assert (retried.info.status, retried.data.tags["tune.outcome"]) == ("FINISHED", "completed")
+    assert (failed.info.status, failed.data.tags["tune.outcome"]) == ("FAILED", "failed")
+    trained = [int(s) for s in (tmp_path / "steps-resnet8").read_text().split()]
+    # The retry resumed from the checkpoint at step 2: it trained step 3 again, nothing before.
+    assert trained[:4] == [1, 2, 3, 3], trained
+    assert trained[3:] == list(range(3, trained[-1] + 1))
+    epochs = [m.value for m in client.get_metric_history(retried.info.run_id, "epoch")]
+    assert epochs == [1.0, 2.0]
+    board = Path(
+        client.download_artifacts(parent.info.run_id, "leaderboard", str(tmp_path / "board"))
+    )
+    rows = {
+        r.split(",")[2]: r.split(",")[9]
+        for r in board.joinpath("leaderboard.csv").read_text().splitlines()[1:]
+    }
+    assert rows == {"resnet8": "completed", "resnet14": "failed"}
+    assert wait_for_no_reserved_groups(30) == []
