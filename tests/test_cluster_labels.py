@@ -55,9 +55,10 @@ def dataset(cluster, tmp_path_factory) -> Manifest:
     return read_manifest(str(out))
 
 
-def _finished_decode_tasks() -> Counter:
+def _finished_decode_tasks(address: str) -> Counter:
     """How many decode tasks have finished on each node (by node name), from Ray's state API
-    once its count has settled (task events arrive a little after the tasks end)."""
+    once its count has settled (task events arrive a little after the tasks end). The address
+    is explicit: other clusters may run on this machine (parallel test files)."""
     import ray
     from ray.util.state import list_tasks
 
@@ -65,6 +66,7 @@ def _finished_decode_tasks() -> Counter:
     previous = None
     for _ in range(20):
         tasks = list_tasks(
+            address,
             filters=[("name", "=", "MapBatches(_decode_chunk)"), ("state", "=", "FINISHED")],
             detail=True,
             limit=10_000,
@@ -78,21 +80,22 @@ def _finished_decode_tasks() -> Counter:
     return previous
 
 
-def test_decode_tasks_go_to_the_decode_node_first_and_anywhere_without_one(dataset):
+def test_decode_tasks_go_to_the_decode_node_first_and_anywhere_without_one(cluster, dataset):
+    address = cluster.gcs_address
     key, _, value = DECODE_LABEL.partition("=")
-    before = _finished_decode_tasks()
+    before = _finished_decode_tasks(address)
     _read_epoch(dataset, ((key, value),), epoch=0)
-    preferred = _finished_decode_tasks() - before
+    preferred = _finished_decode_tasks(address) - before
     # Two tasks at a time fit the decode node's two CPUs: they run there; one may spill to
     # another node in the moment the decode node's CPUs are not yet free (the fallback).
     assert preferred["decode"] >= 0.75 * sum(preferred.values()), preferred
-    before = _finished_decode_tasks()
+    before = _finished_decode_tasks(address)
     _read_epoch(dataset, ((key, "no-such-node"),), epoch=1)
-    fallback = _finished_decode_tasks() - before
+    fallback = _finished_decode_tasks(address) - before
     assert sum(fallback.values()) > 0, fallback  # no node has the label: they ran anyway
-    before = _finished_decode_tasks()
+    before = _finished_decode_tasks(address)
     _read_epoch(dataset, (), epoch=2)  # no preference: Ray Data spreads them over the nodes
-    anywhere = _finished_decode_tasks() - before
+    anywhere = _finished_decode_tasks(address) - before
     assert sum(n for node, n in anywhere.items() if node != "decode") > 0, anywhere
 
 
