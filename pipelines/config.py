@@ -357,6 +357,14 @@ def from_dict(cls: type, data: dict[str, Any]) -> Any:
     return cls(**values)
 
 
+# What a resumed run may change: how wide and where it runs, not what it computes (the global
+# batch is train.global_batch; pipelines.job.elastic shares an interrupted epoch's rows out anew).
+# MLflow keeps the first values as params; the cluster.* tags say what the last attempt used.
+RESUME_MAY_CHANGE = frozenset(
+    {"scale.num_workers", "scale.cpus_per_worker", "scale.gpus_per_worker", "scale.max_failures"}
+)
+
+
 def flatten(config: Any, prefix: str = "") -> dict[str, Any]:
     """``{"optim.lr": 0.1, ...}``: the MLflow param names, the same for single runs and sweeps."""
     flat: dict[str, Any] = {}

@@ -119,12 +119,15 @@ __all__ = [
     "EpochBatches",
     "EpochPlan",
     "ShardRange",
+    "ShardUnreadable",
     "build_dataset",
     "iter_batches",
     "plan_epoch",
+    "plan_remainder",
     "read_plan_rows",
     "read_split_keys",
     "steps_per_epoch",
+    "unreadable_shard",
 ]
 
 # paper: scale augmentation of §3.4 (shorter side S in [256, 480], random 224 crop, flip).
@@ -237,11 +240,14 @@ class DecodeOptions:
 
 @dataclass(frozen=True)
 class ShardRange:
-    """Rows ``[start, stop)`` of the shard at ``uri`` (0-based, in file order)."""
+    """Rows ``[start, stop)`` of the shard at ``uri`` (0-based, in file order); ``base``: the
+    split-wide index of the shard's first row (shards in manifest order), which makes
+    ``base + row`` the row's id in the split (the ``row`` column of decoded batches)."""
 
     uri: str
     start: int
     stop: int
+    base: int = 0
 
     @property
     def num_rows(self) -> int:
@@ -263,6 +269,8 @@ class EpochPlan:
     ``steps`` (the rank's batch count, the last one possibly partial) may differ between ranks.
 
     ranges: this rank's rows in read order. rank_rows: rows read by each rank.
+    :func:`plan_remainder` plans the rest of an interrupted training epoch on another world
+    size: its ranges are the rows not trained yet, ``steps`` the batches left.
     """
 
     split: str
@@ -301,6 +309,8 @@ class EpochPlan:
         """
         _check_plan_args(world_size, rank, epoch, seed, batch_size, max_batches)
         total = sum(rows for _, rows in shards)
+        bases = np.cumsum([0] + [rows for _, rows in shards[:-1]]).tolist()
+        shards = [(uri, rows, base) for (uri, rows), base in zip(shards, bases, strict=True)]
         if train:
             order = np.random.default_rng([seed, epoch]).permutation(len(shards)).tolist()
             steps = (total // world_size) // batch_size
@@ -343,14 +353,15 @@ def _check_plan_args(
         raise ValueError(f"max_batches {max_batches} must be >= 0 (or None for the whole epoch)")
 
 
-def _cut(shards: Sequence[tuple[str, int]], start: int, stop: int) -> tuple[ShardRange, ...]:
-    """Rows ``[start, stop)`` of the concatenation of ``shards``, as per-shard ranges."""
+def _cut(shards: Sequence[tuple[str, int, int]], start: int, stop: int) -> tuple[ShardRange, ...]:
+    """Rows ``[start, stop)`` of the concatenation of ``shards`` ``(uri, rows, base)``, as
+    per-shard ranges."""
     ranges = []
     offset = 0
-    for uri, rows in shards:
+    for uri, rows, base in shards:
         lo, hi = max(start, offset), min(stop, offset + rows)
         if lo < hi:
-            ranges.append(ShardRange(uri, lo - offset, hi - offset))
+            ranges.append(ShardRange(uri, lo - offset, hi - offset, base))
         offset += rows
     return tuple(ranges)
 
@@ -387,6 +398,81 @@ def plan_epoch(
         batch_size=batch_size,
         max_batches=max_batches,
     )
+
+
+def plan_remainder(
+    manifest: Manifest,
+    split: str,
+    *,
+    done: np.ndarray,
+    planned_world: int,
+    world_size: int,
+    rank: int,
+    epoch: int,
+    seed: int,
+    global_batch: int,
+    steps: int,
+    batches_done: int,
+) -> EpochPlan:
+    """The rest of a training epoch planned on ``planned_world`` ranks (``steps`` batches of
+    ``global_batch``) that stopped after ``batches_done`` and continues on ``world_size``: the
+    planned rows not in ``done`` (bool, one per row of the split), in the epoch's order, cut
+    into ``world_size`` contiguous parts of ``steps - batches_done`` batches of
+    ``global_batch // world_size``. Over the whole epoch every planned row is trained exactly
+    once, whatever the world sizes it ran on."""
+    shards = _shards(manifest, split)
+    planned = [
+        EpochPlan.create(
+            shards,
+            split=split,
+            train=True,
+            world_size=planned_world,
+            rank=r,
+            epoch=epoch,
+            seed=seed,
+            batch_size=global_batch // planned_world,
+            max_batches=steps,
+        )
+        for r in range(planned_world)
+    ]
+    ids = np.concatenate(
+        [np.arange(r.base + r.start, r.base + r.stop) for p in planned for r in p.ranges]
+    )
+    if len(done) != sum(rows for _, rows in shards):
+        raise ValueError(
+            f"the record of trained rows covers {len(done)} rows, split {split!r} has "
+            f"{sum(rows for _, rows in shards)}: the dataset changed since the checkpoint"
+        )
+    left = ids[~done[ids]]
+    batch_size, steps_left = global_batch // world_size, steps - batches_done
+    per_rank = steps_left * batch_size
+    if len(left) != per_rank * world_size:
+        raise ValueError(
+            f"{len(left)} rows of epoch {epoch + 1} are left, {steps_left} steps of "
+            f"{global_batch} need {per_rank * world_size}: the checkpoint's record of trained "
+            "rows does not match its position"
+        )
+    mine = left[rank * per_rank : (rank + 1) * per_rank]
+    rank_rows = (per_rank,) * world_size
+    return EpochPlan(
+        split, True, epoch, seed, rank, world_size, batch_size, _id_ranges(mine, shards),
+        rank_rows, steps_left,
+    )  # fmt: skip
+
+
+def _id_ranges(ids: np.ndarray, shards: Sequence[tuple[str, int]]) -> tuple[ShardRange, ...]:
+    """Row ids of the split (in read order) as the fewest shard ranges: runs of consecutive
+    rows of one shard."""
+    bases = np.cumsum([0] + [rows for _, rows in shards])
+    shard = np.searchsorted(bases, ids, side="right") - 1
+    breaks = np.flatnonzero((np.diff(ids) != 1) | (np.diff(shard) != 0)) + 1
+    ranges = []
+    for run in np.split(np.arange(len(ids)), breaks):
+        if len(run):
+            i, first, last = shard[run[0]], ids[run[0]], ids[run[-1]]
+            base = int(bases[i])
+            ranges.append(ShardRange(shards[i][0], int(first) - base, int(last) + 1 - base, base))
+    return tuple(ranges)
 
 
 def steps_per_epoch(manifest: Manifest, split: str, *, world_size: int, batch_size: int) -> int:
@@ -444,16 +530,61 @@ def _sampler(options: DecodeOptions) -> BoxSampler | None:
     return None
 
 
+class ShardUnreadable(Exception):
+    """A shard that is missing or no longer parses mid-run (it passed the pre-start check): a
+    restarted worker would read the same bytes, so the run ends (pipelines.job.trainer)."""
+
+
+def _unreadable(uri: str, problem: str) -> ShardUnreadable:
+    root = storage.redact(uri.rstrip("/").rsplit("/", 2)[0])  # <root>/<split>/<shard>
+    problem = " ".join(problem.split())  # one line: wrappers add theirs after the first
+    return ShardUnreadable(
+        f"shard {storage.redact(uri)} {problem}: the dataset changed after the run started — "
+        f"restore it, or delete it and re-run resnet-prepare with --out {root} (it rewrites "
+        "missing and cut-short shards), then resume the run"
+    )
+
+
+def unreadable_shard(error: BaseException | None) -> ShardUnreadable | None:
+    """The ShardUnreadable behind an error (its first line: Ray Data appends its retry advice),
+    through the wrappers of Ray Data's task errors (RayTaskError's ``cause``) and Ray Train's
+    errors (a worker's: ``_base_exc`` of ``UserExceptionWithTraceback``, which has no public
+    accessor; the controller's: ``ControllerError.controller_failure``)."""
+    for _ in range(16):  # wrapper chains are short; never loop on a cycle
+        if error is None:
+            return None
+        if type(error) is ShardUnreadable:
+            return ShardUnreadable(str(error).strip().splitlines()[0])
+        error = (
+            getattr(error, "cause", None)
+            or getattr(error, "_base_exc", None)
+            or getattr(error, "controller_failure", None)
+            or error.__cause__
+            or error.__context__
+        )
+    return None
+
+
 def _read_rows(uri: str, start: int, stop: int) -> pa.Table:
-    """Rows ``[start, stop)`` of a shard (image, label, key), reading only the row groups needed."""
+    """Rows ``[start, stop)`` of a shard (image, label, key), reading only the row groups needed.
+    ShardUnreadable when the shard is gone, does not parse or holds too few rows; other storage
+    errors (a network error, say) propagate as they are: a restart may get past them."""
+    try:
+        return _read_row_groups(uri, start, stop)
+    except FileNotFoundError:
+        raise _unreadable(uri, "is missing") from None
+    except pa.ArrowInvalid as e:
+        raise _unreadable(uri, f"does not parse ({e})") from None
+
+
+def _read_row_groups(uri: str, start: int, stop: int) -> pa.Table:
     fs, path = storage.resolve(uri)
     with fs.open_input_file(path) as f:
         shard = pq.ParquetFile(f)
         metadata = shard.metadata
         if stop > metadata.num_rows:
-            raise ValueError(
-                f"{storage.redact(uri)} has {metadata.num_rows} rows, the manifest promised at "
-                f"least {stop} — the dataset changed after its manifest; re-run resnet-prepare"
+            raise _unreadable(
+                uri, f"has {metadata.num_rows} rows, the manifest promised at least {stop}"
             )
         tables = []
         offset = 0
@@ -546,17 +677,21 @@ def _plan_rows(
 def _decode_chunk(
     chunk: dict[str, np.ndarray], *, options: DecodeOptions, seed: int, epoch: int
 ) -> Iterator[dict[str, np.ndarray]]:
-    """Ray Data task: one chunk ``{"uri", "start", "stop"}`` -> decoded map batches.
+    """Ray Data task: one chunk ``{"uri", "start", "stop", "base"}`` -> decoded map batches.
 
-    Output columns: image uint8 (N, S, S, 3), label int64, key str, bad bool (a replaced copy in
-    training, a row to drop in evaluation). Device decode (``options.device``): image is bytes
+    Output columns: image uint8 (N, S, S, 3), label int64, key str, row int64 (the row's id in
+    the split, see :class:`ShardRange`), bad bool (a replaced copy in training, a row to drop in
+    evaluation). Device decode (``options.device``): image is bytes
     (see :func:`_plan_rows`), plus box float64 (N, 4), flip bool and raw bool; bad rows stay as
     they are, for the worker to replace or drop.
     """
     uri, start, stop = str(chunk["uri"][0]), int(chunk["start"][0]), int(chunk["stop"][0])
     table = _read_rows(uri, start, stop)
+    order = np.arange(stop - start)
     if options.train:  # a fresh order of the task's rows every epoch ("Shuffling" above)
-        table = table.take(_task_order(uri, start, stop, seed=seed, epoch=epoch))
+        order = _task_order(uri, start, stop, seed=seed, epoch=epoch)
+        table = table.take(order)
+    row_ids = int(chunk["base"][0]) + start + order
     sampler = _sampler(options)
     # Map batches: fixed slices of the (permuted) task, map_batch_rows each and cut at the
     # multiples of map_batch_rows from the shard start, so their random draws depend on the
@@ -566,7 +701,8 @@ def _decode_chunk(
         keys = rows.column("key").to_pylist()
         rng = np.random.default_rng([seed, epoch, zlib.crc32("\0".join(keys).encode())])
         where = f"rows {lo}..{hi - 1} of {storage.redact(uri)}"
-        yield _decode_map_batch(rows, keys, options, sampler, rng, where)
+        decoded = _decode_map_batch(rows, keys, options, sampler, rng, where)
+        yield {**decoded, "row": row_ids[lo - start : hi - start]}
 
 
 def _decode_map_batch(
@@ -637,7 +773,7 @@ def _chunks(plan: EpochPlan, task_rows: int) -> list[dict[str, Any]]:
     offset = task_offset(plan, task_rows)
     for r in plan.ranges:
         items += [
-            {"uri": r.uri, "start": lo, "stop": hi}
+            {"uri": r.uri, "start": lo, "stop": hi, "base": r.base}
             for lo, hi in _aligned_pieces(r.start, r.stop, task_rows, offset)
         ]
     if plan.train:
@@ -703,13 +839,15 @@ def build_dataset(plan: EpochPlan, options: DecodeOptions) -> ray.data.Dataset:
 
 class Batch(NamedTuple):
     """One batch: uint8 (N, H, W, 3) images (on the CPU; on the decode device when the worker
-    decodes), int64 (N,) CPU labels, their keys, and how many of its rows were undecodable
-    (training: replaced copies; evaluation: dropped)."""
+    decodes), int64 (N,) CPU labels, their keys, how many of its rows were undecodable
+    (training: replaced copies; evaluation: dropped), and the split-wide ids of the planned rows
+    it consumed (int64 (N,); a replaced row keeps its own id, while its key is the copy's)."""
 
     images: Tensor
     labels: Tensor
     keys: tuple[str, ...]
     num_bad: int
+    rows: np.ndarray
 
 
 class _ToBatch(NumpyBatchCollateFn):
@@ -721,22 +859,24 @@ class _ToBatch(NumpyBatchCollateFn):
 
     def __call__(self, batch: dict[str, np.ndarray]) -> Batch:
         bad = batch["bad"].astype(bool)
-        images, labels, keys = batch["image"], batch["label"], batch["key"]
+        images, labels, keys, rows = batch["image"], batch["label"], batch["key"], batch["row"]
         if self.drop_bad and bad.any():
-            images, labels, keys = images[~bad], labels[~bad], keys[~bad]
+            images, labels, keys, rows = images[~bad], labels[~bad], keys[~bad], rows[~bad]
         # A copy (Ray's arrays are read-only views), made straight into pinned memory on GPU.
         images_t = torch.empty(images.shape, dtype=torch.uint8, pin_memory=self.pin_memory)
         images_t.numpy()[...] = images
         labels_t = torch.from_numpy(labels.astype(np.int64))
         if self.pin_memory:
             labels_t = labels_t.pin_memory()
-        return Batch(images_t, labels_t, tuple(str(k) for k in keys), int(bad.sum()))
+        keys = tuple(str(k) for k in keys)
+        return Batch(images_t, labels_t, keys, int(bad.sum()), rows.astype(np.int64))
 
 
 class _Encoded(NamedTuple):
     """A batch of the device path before its decode: one 1-D uint8 CPU tensor per row (encoded
     JPEG, or a ``raw`` row's decoded crop), float64 (N, 4) crop boxes, bool (N,) flips, raw
-    flags and bad flags (rows the tasks could not read or decode), int64 labels and keys."""
+    flags and bad flags (rows the tasks could not read or decode), int64 labels, keys and row
+    ids."""
 
     datas: list[Tensor]
     boxes: np.ndarray
@@ -745,6 +885,7 @@ class _Encoded(NamedTuple):
     bad: np.ndarray
     labels: Tensor
     keys: tuple[str, ...]
+    rows: np.ndarray
 
 
 class _ToEncoded(NumpyBatchCollateFn):
@@ -767,6 +908,7 @@ class _ToEncoded(NumpyBatchCollateFn):
             batch["bad"].astype(bool),
             labels,
             tuple(str(k) for k in batch["key"]),
+            batch["row"].astype(np.int64),
         )
 
 
@@ -796,7 +938,7 @@ def _decode_on_worker(encoded: _Encoded, *, size: int, device: torch.device, tra
         if len(raw):
             pixels = torch.stack([encoded.datas[i].view(size, size, 3) for i in raw])
             images[torch.from_numpy(raw).to(device)] = pixels.to(device)
-    labels, keys = encoded.labels, encoded.keys
+    labels, keys, rows = encoded.labels, encoded.keys, encoded.rows
     if bad.any():
         good = np.flatnonzero(~bad)
         if train and len(good) == 0:
@@ -812,7 +954,8 @@ def _decode_on_worker(encoded: _Encoded, *, size: int, device: torch.device, tra
         index = torch.from_numpy(source)
         images, labels = images[index.to(device)], labels[index]
         keys = tuple(keys[i] for i in source)
-    return Batch(images, labels, keys, int(bad.sum()))
+        rows = rows if train else rows[good]  # a replaced row was consumed all the same
+    return Batch(images, labels, keys, int(bad.sum()), rows)
 
 
 def _decode_ahead(
@@ -906,9 +1049,15 @@ class EpochBatches:
                 _decode_on_worker, size=options.crop_size, device=options.device, train=plan.train
             )
             batches = _decode_ahead(batches, decode)
-        for batch in batches:
-            self.num_bad += batch.num_bad
-            yield batch
+        try:
+            for batch in batches:
+                self.num_bad += batch.num_bad
+                yield batch
+        except Exception as e:  # a decode task's ShardUnreadable arrives wrapped by Ray
+            shard_error = unreadable_shard(e)
+            if shard_error is None:
+                raise
+            raise shard_error from None
 
     def _planned(self, stream: Iterable[Any]) -> Iterator[Any]:
         """The stream's batches after the skipped ones, up to the plan's step count."""

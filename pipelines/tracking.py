@@ -21,7 +21,7 @@ import platform
 import subprocess
 import sys
 import time
-from collections.abc import Iterator, Mapping
+from collections.abc import Collection, Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -175,19 +175,29 @@ def _param_text(value: Any) -> str:
     return "None" if value is None else str(value)[:6000]
 
 
-def param_conflicts(existing: Mapping[str, str], params: Mapping[str, Any]) -> list[str]:
-    """``["key=old (now new)", ...]`` for every param whose logged value differs from ``params``."""
+def param_conflicts(
+    existing: Mapping[str, str], params: Mapping[str, Any], *, may_change: Collection[str] = ()
+) -> list[str]:
+    """``["key=old (now new)", ...]`` for every param whose logged value differs from ``params``
+    (those in ``may_change`` may: the run keeps their first values)."""
     return [
         f"{key}={existing[key]} (now {_param_text(value)})"
         for key, value in params.items()
-        if key in existing and existing[key] != _param_text(value)
+        if key in existing and key not in may_change and existing[key] != _param_text(value)
     ]
 
 
-def log_params_once(client: MlflowClient, run_id: str, params: Mapping[str, Any]) -> None:
-    """Logs params; a resumed run with a different value for one raises with the fix."""
+def log_params_once(
+    client: MlflowClient,
+    run_id: str,
+    params: Mapping[str, Any],
+    *,
+    may_change: Collection[str] = (),
+) -> None:
+    """Logs params; a resumed run with a different value for one raises with the fix (but for
+    those in ``may_change``, which keep their first values)."""
     existing = client.get_run(run_id).data.params
-    conflicts = param_conflicts(existing, params)
+    conflicts = param_conflicts(existing, params, may_change=may_change)
     if conflicts:
         raise ValueError(
             f"run {run_id} was started with {conflicts[0]}; resuming it with another value "
@@ -260,6 +270,7 @@ class MlflowReporter(UserCallback):
         self.uri = uri
         self.run_id = run_id
         self._last_step: dict[str, int] | None = None  # per metric key, loaded lazily
+        self._worker_failures = 0  # worker-group failures in this submission
 
     def _client(self) -> MlflowClient:
         return MlflowClient(tracking_uri=self.uri)
@@ -312,4 +323,9 @@ class MlflowReporter(UserCallback):
         summary = "; ".join(
             f"rank {r}: {type(e).__name__}" for r, e in sorted(worker_exceptions.items())
         )
-        client.set_tag(self.run_id, "last_worker_failure", summary[:5000])
+        self._worker_failures += 1
+        set_tags(
+            client,
+            self.run_id,
+            {"last_worker_failure": summary[:5000], "worker_failures": str(self._worker_failures)},
+        )

@@ -36,12 +36,14 @@ from typing import Any
 
 from pipelines import storage, tracking
 from pipelines.config import ConfigError, JobConfig, to_dict, validate
+from pipelines.data import ShardUnreadable
 from pipelines.job import checks
 from pipelines.job.cli import add_job_arguments, flag_overrides, resolve_config
 from pipelines.job.session import training_session
 from pipelines.job.trainer import TrainingInterrupted, run_training, sigterm_interrupts
 from pipelines.manifest import ManifestError
 
+EXIT_FAILED = 1
 EXIT_BAD_CONFIG = 2
 EXIT_INTERRUPTED = 130
 
@@ -97,7 +99,7 @@ def main(argv: Sequence[str] | None = None) -> float:
     """Run the job; returns the final validation top-1 (also printed).
 
     Raises SystemExit: 2 on a bad configuration or location (before any cluster resource is
-    taken), 130 when interrupted.
+    taken), 1 when a shard stopped reading mid-run, 130 when interrupted.
     """
     args = build_parser().parse_args(argv)
     try:
@@ -115,6 +117,8 @@ def main(argv: Sequence[str] | None = None) -> float:
             metrics = train(config, args.address, verify_data=args.verify_data)
         except (ConfigError, ManifestError, storage.StorageError) as e:
             raise _fail(e, EXIT_BAD_CONFIG) from None
+        except ShardUnreadable as e:  # mid-run: the run ended at once, checkpoints kept
+            raise _fail(e, EXIT_FAILED) from None
         except (TrainingInterrupted, KeyboardInterrupt) as e:
             why = str(e) if isinstance(e, TrainingInterrupted) else f"interrupted ({e or 'SIGINT'})"
             raise _fail(

@@ -222,6 +222,43 @@ def test_skip_batches_yields_exactly_the_tail(manifest):
     assert _epoch(manifest, skip_batches=6, **options) == []
 
 
+def test_an_epoch_resumed_on_another_world_size_trains_each_of_its_rows_once(manifest):
+    """Global batch 6: 8 steps on 2 ranks (3 rows each, a shuffle buffer); after 3 steps the
+    untrained rows go to 3 ranks (2 each) for the 5 steps left, then to 1 rank after 2 more."""
+    options = {"shuffle_buffer": 5, "epoch": 1, "batch_size": 3, "world_size": 2}
+    split_keys = data.read_split_keys(manifest, "train")
+    planned, trained = [], []
+    done = np.zeros(len(split_keys), dtype=bool)
+    for rank in (0, 1):
+        batches = _epoch(manifest, rank=rank, **options)
+        planned += _keys(batches)
+        for batch in batches[:3]:
+            done[batch.rows] = True
+            trained += batch.keys
+    assert len(planned) == 48
+    assert not done.all()
+    resume = {"split": "train", "epoch": 1, "seed": 0, "global_batch": 6, "steps": 8}
+    for world, batches_done, steps in ((3, 3, 2), (1, 5, 3)):
+        restored = done.copy()  # the checkpoint's record, the same for every rank
+        for rank in range(world):
+            plan = data.plan_remainder(
+                manifest, done=restored, planned_world=2, world_size=world, rank=rank,
+                batches_done=batches_done, **resume,
+            )  # fmt: skip
+            assert (plan.steps, plan.batch_size) == (8 - batches_done, 6 // world)
+            decode = data.DecodeOptions(mode="paper", image_size=IMAGE_SIZE, shuffle_buffer=5)
+            for batch in list(data.EpochBatches(plan, decode).batches())[:steps]:
+                assert [split_keys[row] for row in batch.rows] == list(batch.keys)
+                done[batch.rows] = True
+                trained += batch.keys
+    assert done.all()
+    assert Counter(trained) == Counter(planned)  # every row of the epoch once, no repeats
+    with pytest.raises(ValueError, match="does not match its position"):
+        data.plan_remainder(
+            manifest, done=done, planned_world=2, world_size=3, rank=0, batches_done=5, **resume
+        )
+
+
 def test_evaluation_reads_every_image_once_across_two_ranks(manifest):
     keys = []
     for rank in (0, 1):
@@ -272,6 +309,8 @@ def test_undecodable_images_are_counted_not_fatal(ray_local, tmp_path):
     assert {"hand/001", "hand/003"}.isdisjoint(keys)
     labels = torch.cat([b.labels for b in batches]).tolist()
     assert labels == [int(k[-3:]) for k in keys]
+    # ... while their row ids stay their own: every planned row was consumed once.
+    assert sorted(int(row) for b in batches for row in b.rows) == list(range(6))
 
     eval_plan = data.EpochPlan.create([(uri, 6)], train=False, batch_size=4, **plan_args)
     evaluation = data.EpochBatches(
@@ -279,6 +318,7 @@ def test_undecodable_images_are_counted_not_fatal(ray_local, tmp_path):
     )
     batches = list(evaluation.batches())
     assert _keys(batches) == ["hand/000", "hand/002", "hand/004", "hand/005"]
+    assert [int(row) for b in batches for row in b.rows] == [0, 2, 4, 5]
     assert [b.num_bad for b in batches] == [2, 0]
     assert evaluation.num_bad == 2
 
@@ -290,6 +330,36 @@ def test_a_batch_without_any_good_image_fails_with_the_reason(ray_local, tmp_pat
     )
     with pytest.raises(Exception, match=r"all 4 images in rows 0\.\.3 .* failed to decode"):
         list(data.EpochBatches(plan, data.DecodeOptions(mode="paper", image_size=IMAGE_SIZE)))
+
+
+def test_a_shard_that_no_longer_reads_is_named_with_the_fix(ray_local, tmp_path):
+    """Through Ray Data's task errors, the reader raises one ShardUnreadable naming the shard
+    and the dataset to re-prepare: a footer that no longer parses, a missing file, too few
+    rows."""
+    root = tmp_path / "dataset"
+    (root / "train").mkdir(parents=True)
+    uri = write_shard(root / "train" / "s.parquet", [_jpeg(i) for i in range(4)], labels=[0] * 4)
+    data_bytes = Path(uri).read_bytes()
+    options = data.DecodeOptions(mode="paper", image_size=IMAGE_SIZE)
+    plan_args = {"split": "hand", "train": True, "world_size": 1, "rank": 0, "epoch": 0}
+
+    def read(rows: int) -> None:
+        plan = data.EpochPlan.create([(uri, rows)], seed=0, batch_size=2, **plan_args)
+        list(data.EpochBatches(plan, options).batches())
+
+    Path(uri).write_bytes(data_bytes[:-4] + b"XXXX")
+    with pytest.raises(data.ShardUnreadable) as failed:
+        read(4)
+    message = str(failed.value)
+    assert message.startswith(f"shard {uri} does not parse (")
+    assert f"re-run resnet-prepare with --out {root} " in message
+    assert "\n" not in message
+    Path(uri).unlink()
+    with pytest.raises(data.ShardUnreadable, match=f"shard {uri} is missing"):
+        read(4)
+    Path(uri).write_bytes(data_bytes)
+    with pytest.raises(data.ShardUnreadable, match="has 4 rows, the manifest promised at least 6"):
+        read(6)
 
 
 def test_cifar_mode_pads_crops_and_flips_fixed_size_images(ray_local, tmp_path):

@@ -17,6 +17,7 @@ from mlflow.tracking import MlflowClient
 
 from pipelines import evaluate, shards, tracking
 from pipelines.config import JobConfig, validate
+from pipelines.data import read_split_keys
 from pipelines.job.checkpoints import CHECKPOINT_NAME
 from pipelines.job.checks import check_dataset
 from pipelines.job.runner import Extension, TrainLoopRunner
@@ -97,11 +98,13 @@ def _config(dataset: str, storage: Path, **train: Any) -> JobConfig:
         data=dataclasses.replace(base.data, uri=dataset, shuffle_buffer=0),
         train=dataclasses.replace(
             base.train,
-            global_batch=BATCH,
-            epochs=EPOCHS,
-            log_every_steps=1,
-            checkpoint_every_steps=4,
-            **train,
+            **{
+                "global_batch": BATCH,
+                "epochs": EPOCHS,
+                "log_every_steps": 1,
+                "checkpoint_every_steps": 4,
+                **train,
+            },
         ),
         scale=dataclasses.replace(base.scale, num_workers=1, max_failures=1),
         run=dataclasses.replace(base.run, storage_path=str(storage), name="compiled"),
@@ -206,3 +209,93 @@ def test_a_run_interrupted_mid_epoch_ends_with_the_uninterrupted_runs_weights(
     assert expected.keys() == got.keys()
     different = [k for k in expected if not torch.equal(expected[k], got[k])]
     assert different == []
+
+
+# ---------------------------------------------------------------------------------------------
+# Resuming on another number of workers
+# ---------------------------------------------------------------------------------------------
+
+ELASTIC_BATCH = 12  # global: 6 per worker on 2, 4 on 3, 12 on 1; 8 steps per epoch
+
+
+class KeyRecorder(Extension):
+    """Writes the keys of every batch each rank trains, ``<step> <key,...>``, in one file per
+    rank and run attempt (``segment``: the attempts' order)."""
+
+    def __init__(self, folder: str, segment: int) -> None:
+        self.folder, self.segment = folder, segment
+
+    def before_step(self, runner: TrainLoopRunner) -> None:
+        with Path(self.folder, f"{self.segment}-{runner.rank}.txt").open("a") as f:
+            f.write(f"{runner.step + 1} {','.join(runner.batch.keys)}\n")
+
+
+class FailAt(Extension):
+    """Ends the run at a step (every rank raises; the run has no restarts left)."""
+
+    def __init__(self, step: int) -> None:
+        self.step = step
+
+    def after_step(self, runner: TrainLoopRunner, result: StepResult) -> None:
+        if runner.step == self.step:
+            raise RuntimeError(f"stopped at step {self.step}")
+
+
+def _trained_keys(folder: Path) -> dict[int, list[str]]:
+    """The keys each step trained over the run (all ranks), from the last attempt at that step:
+    steps after the checkpoint an attempt resumed from were trained again."""
+    steps: dict[int, list[str]] = {}
+    for segment in sorted({int(path.stem.split("-")[0]) for path in folder.glob("*.txt")}):
+        by_step: dict[int, list[str]] = {}
+        for path in folder.glob(f"{segment}-*.txt"):
+            for line in path.read_text().splitlines():
+                step, keys = line.split(" ")
+                by_step.setdefault(int(step), []).extend(keys.split(","))
+        steps.update(by_step)
+    return steps
+
+
+def test_a_run_resumes_mid_epoch_on_fewer_and_more_workers_training_each_row_once(
+    dataset, mlflow_uri, tmp_path
+):
+    """2 workers stop after step 3 (checkpoint at 2), resume on 3 and stop after step 5
+    (checkpoint at 4), finish on 1: every step trains 12 images, epoch 1 trains each of the
+    split's 96 rows once, epoch 2 as well; one MLflow run, continued."""
+    keys_folder = tmp_path / "keys"
+    keys_folder.mkdir()
+    config = _config(
+        dataset, tmp_path / "runs", global_batch=ELASTIC_BATCH, checkpoint_every_steps=2
+    )
+    config = dataclasses.replace(
+        config,
+        data=dataclasses.replace(config.data, shuffle_buffer=8, decode_cpus=0.25),
+        run=dataclasses.replace(config.run, name="elastic"),
+    )
+    manifest, plan = check_dataset(config)
+    for segment, (workers, stop_at) in enumerate(((2, 3), (3, 5), (1, None))):
+        scale = dataclasses.replace(
+            config.scale, num_workers=workers, cpus_per_worker=0.25, max_failures=0
+        )
+        attempt = dataclasses.replace(config, scale=scale)
+        extensions = [KeyRecorder(str(keys_folder), segment)]
+        extensions += [FailAt(stop_at)] if stop_at else []
+        if stop_at:
+            with pytest.raises(Exception, match=f"stopped at step {stop_at}"):
+                run_training(attempt, manifest, plan, extensions)
+        else:
+            metrics = run_training(attempt, manifest, plan, extensions)
+
+    steps = _trained_keys(keys_folder)
+    assert sorted(steps) == list(range(1, 17))
+    assert all(len(keys) == ELASTIC_BATCH for keys in steps.values())
+    split = sorted(read_split_keys(manifest, "train"))
+    for epoch in range(EPOCHS):
+        trained = [k for step in range(8 * epoch + 1, 8 * epoch + 9) for k in steps[step]]
+        assert sorted(trained) == split  # each row once, none repeated
+    client = MlflowClient(tracking_uri=mlflow_uri)
+    run = client.get_run(metrics["mlflow_run_id"])
+    assert run.info.status == "FINISHED"
+    assert run.data.params["scale.num_workers"] == "2"  # the first value
+    assert run.data.tags["cluster.workers"] == "1"  # the last
+    samples = client.get_metric_history(run.info.run_id, "train/epoch_samples")
+    assert sorted((m.step, m.value) for m in samples) == [(8, 96), (16, 96)]

@@ -369,6 +369,30 @@ def test_damaged_shards_are_found_before_ray_starts(tiny_data, tmp_path):
         shutil.rmtree(ray_tmp, ignore_errors=True)
 
 
+def test_a_shard_that_stops_parsing_mid_run_ends_the_run_at_once(
+    cluster, tiny_data, mlflow_uri, tmp_path
+):
+    """A shard changed in place (same size, so the pre-start check passes; its footer no longer
+    parses) ends the run when a decode task reads it: exit 1, one line naming the shard and the
+    fix, no worker-group restart (scale.max_failures=2), the MLflow run FAILED with the reason."""
+    broken = tmp_path / "broken"
+    shutil.copytree(tiny_data, broken)
+    shard = sorted((broken / "train").glob("*.parquet"))[0]
+    data = shard.read_bytes()
+    shard.write_bytes(data[:-4] + b"XXXX")  # Parquet's closing magic bytes
+    env = cluster.client_env(f"shard-{uuid.uuid4().hex}", MLFLOW_TRACKING_URI=mlflow_uri)
+    args = ["--data", str(broken), "--storage", str(tmp_path / "runs"), "--name", "broken"]
+    driver = _train([*args, *RUN_ARGS], env, tmp_path, timeout=240)
+    assert driver.process.returncode == 1, driver.output + driver.stderr
+    last = driver.stderr.strip().splitlines()[-1]
+    assert last.startswith(f"resnet-train: shard {shard} does not parse"), driver.stderr
+    assert f"re-run resnet-prepare with --out {broken} " in last
+    (run,) = _runs_named(mlflow_uri, "broken")
+    assert run.info.status == "FAILED"
+    assert run.data.tags["worker_failures"] == "1"  # the worker group was not restarted
+    assert run.data.tags["failure"].startswith(f"shard {shard} does not parse")
+
+
 def test_gpu_request_on_a_cluster_without_gpus_exits_2(cluster, tiny_data, mlflow_uri, tmp_path):
     marker = f"gpu-{uuid.uuid4().hex}"
     env = cluster.client_env(marker, MLFLOW_TRACKING_URI=mlflow_uri)

@@ -12,7 +12,7 @@ from pathlib import Path
 import torch
 
 from pipelines import storage, tracking
-from pipelines.config import ConfigError, JobConfig, flatten
+from pipelines.config import RESUME_MAY_CHANGE, ConfigError, JobConfig, flatten
 from pipelines.job.parts import StepPlan, model_options, plan_steps
 from pipelines.manifest import Manifest, ManifestError, read_manifest, verify_shards
 from resnet_core.models import create_model
@@ -102,7 +102,9 @@ def check_resumable(config: JobConfig) -> None:
         raise ConfigError(str(tracking.store_error(uri, e))) from None
     if run is None:
         return
-    conflicts = tracking.param_conflicts(run.data.params, flatten(config))
+    conflicts = tracking.param_conflicts(
+        run.data.params, flatten(config), may_change=RESUME_MAY_CHANGE
+    )
     if conflicts:
         raise ConfigError(
             f"run {config.run_name!r} (MLflow run {run.info.run_id}) was started with "

@@ -7,11 +7,14 @@ plug into (:class:`Extension`).
 
 Every rank runs the same calls (reports and metric reductions are collectives); rank 0 alone
 prints and writes checkpoints. A run stopped anywhere resumes at the exact batch: the checkpoint
-holds the weights, optimizer, RNG states, position, the running epoch metrics and every
-extension's state, and the reader reproduces the epoch's batch sequence (pipelines.data).
+holds the weights, optimizer, RNG states, position, the running epoch metrics and trained rows,
+and every extension's state, and the reader reproduces the epoch's batch sequence
+(pipelines.data). Resumed mid-epoch on another number of workers, the epoch's untrained rows are
+shared out anew (pipelines.job.elastic).
 
-An :class:`Extension` is called before and after every step, on every report (it may add
-metrics, and sees validation results), and keeps its own state in checkpoints under its ``key``.
+An :class:`Extension` is called before and after every step (``runner.batch`` is the step's
+:class:`pipelines.data.Batch`: keys, row ids), on every report (it may add metrics, and sees
+validation results), and keeps its own state in checkpoints under its ``key``.
 The learning-rate schedule is one: it sets each step's rate and reacts to the training and
 validation errors (paper §3.4 plateau, §4.2 ResNet-110 warm-up).
 """
@@ -33,6 +36,7 @@ from torch import nn
 from pipelines import data as data_lib
 from pipelines.config import JobConfig, from_dict, to_dict
 from pipelines.job.checkpoints import CHECKPOINT_SCORE, checkpoint_name, restore_latest
+from pipelines.job.elastic import EPOCH_ROWS_KEY, EpochRows
 from pipelines.job.parts import Training, build_training, decode_options
 from pipelines.job.session import quiet_ray_logs
 from pipelines.manifest import read_manifest
@@ -125,6 +129,8 @@ class TrainLoopRunner:
         self.extensions = [ScheduleExtension(self.training.schedule), *extensions]
         self.epoch = self.step = self.batches_done = 0
         self.epoch_metrics = EpochMetrics(self.device)
+        self.rows = self.new_epoch_rows()
+        self.batch: data_lib.Batch | None = None  # the batch being trained
         self.window = Window(self.device)
         self.attempt = uuid.uuid4().hex[:8]  # names this worker group's checkpoints
         for extension in self.extensions:
@@ -161,6 +167,9 @@ class TrainLoopRunner:
         # so the epoch-end all-reduce counts every sample once.
         if self.rank == 0 and extra.get(EPOCH_METRICS_KEY):
             self.epoch_metrics.load_state_dict(extra[EPOCH_METRICS_KEY])
+        if self.batches_done:
+            saved_world = restored["config"]["scale"]["num_workers"]
+            self.rows.restore(extra.get(EPOCH_ROWS_KEY), saved_world=saved_world, rank=self.rank)
         if self.step >= self.plan.total_steps:
             self.say(f"run already complete at step {self.step}: nothing to train")
         else:
@@ -172,24 +181,14 @@ class TrainLoopRunner:
     def train_epoch(self) -> None:
         """The epoch's remaining batches, with a report every log or checkpoint interval."""
         t, steps = self.config.train, self.plan.steps_in_epoch(self.epoch)
-        batches = data_lib.iter_batches(
-            self.manifest,
-            decode_options(self.config, mode=self.config.data.augment, device=self.device),
-            split=self.config.data.train_split,
-            world_size=self.world,
-            rank=self.rank,
-            epoch=self.epoch,
-            seed=self.config.data.seed,
-            batch_size=t.global_batch // self.world,
-            skip_batches=self.batches_done,
-            max_batches=steps,
-        )
+        batches = self.epoch_batches(steps)
         self.training.model.train()
         self.window = Window(self.device)
         fetch_started = time.perf_counter()
-        for images, labels in batches:
+        for self.batch in batches.batches():
             self.window.data_seconds += time.perf_counter() - fetch_started
-            self.train_step(images, labels)
+            self.train_step(self.batch.images, self.batch.labels)
+            self.rows.mark(self.batch.rows)
             self.batches_done += 1
             log_due = self.step % t.log_every_steps == 0
             checkpoint_due = bool(t.checkpoint_every_steps) and (
@@ -200,6 +199,49 @@ class TrainLoopRunner:
                 self.report(self.window_metrics(), checkpoint=checkpoint_due)
                 self.window = Window(self.device)
             fetch_started = time.perf_counter()
+
+    def epoch_batches(self, steps: int) -> data_lib.EpochBatches:
+        """This rank's batches of the epoch after those done: its own plan replayed, or, when
+        the epoch is resumed on another number of workers, its share of the untrained rows."""
+        c = self.config
+        options = decode_options(c, mode=c.data.augment, device=self.device)
+        where = {"split": c.data.train_split, "world_size": self.world, "rank": self.rank}
+        where |= {"epoch": self.epoch, "seed": c.data.seed}
+        if self.batches_done == 0 or self.rows.replays(self.world):
+            return data_lib.iter_batches(
+                self.manifest,
+                options,
+                batch_size=c.train.global_batch // self.world,
+                skip_batches=self.batches_done,
+                max_batches=steps,
+                **where,
+            )
+        if self.rows.restored is None:
+            raise CheckpointError(
+                f"the checkpoint at step {self.step} is {self.batches_done} batches into an "
+                f"epoch and records no trained rows (an older version wrote it): resume it on "
+                f"{self.rows.planned_world} workers (--workers {self.rows.planned_world})"
+            )
+        plan = data_lib.plan_remainder(
+            self.manifest,
+            done=self.rows.restored,
+            planned_world=self.rows.planned_world,
+            global_batch=c.train.global_batch,
+            steps=steps,
+            batches_done=self.batches_done,
+            **where,
+        )
+        self.say(
+            f"epoch {self.epoch + 1} continues on {self.world} workers (planned for "
+            f"{self.rows.planned_world}): its {plan.num_rows * self.world} untrained rows, "
+            f"{plan.steps} batches of {plan.batch_size} per worker"
+        )
+        self.rows.replanned = True
+        return data_lib.EpochBatches(plan, options)
+
+    def new_epoch_rows(self) -> EpochRows:
+        num_rows = self.manifest.split(self.config.data.train_split).num_rows
+        return EpochRows(num_rows, self.world, self.device)
 
     def train_step(self, images: torch.Tensor, labels: torch.Tensor) -> StepResult:
         """One optimizer step on a uint8 batch (moved to the device here, when not there)."""
@@ -223,6 +265,7 @@ class TrainLoopRunner:
             metrics.update(self.evaluate())
         self.batches_done = 0
         self.epoch_metrics = EpochMetrics(self.device)
+        self.rows = self.new_epoch_rows()
         self.report(metrics, checkpoint=True, epoch_end=True)
 
     def window_metrics(self) -> dict[str, Any]:
@@ -231,7 +274,8 @@ class TrainLoopRunner:
 
     def report(self, metrics: dict[str, Any], *, checkpoint: bool, epoch_end: bool = False) -> None:
         """Every rank reports (a barrier); rank 0 prints, and writes the checkpoint when one is
-        due. A mid-epoch checkpoint carries the running epoch metrics (a collective)."""
+        due. A mid-epoch checkpoint carries the running epoch metrics and the rows trained so
+        far (collectives)."""
         for extension in self.extensions:
             extension.on_report(self, metrics)
         if self.rank == 0:
@@ -239,20 +283,25 @@ class TrainLoopRunner:
         if not checkpoint:
             self._send(metrics)
             return
-        epoch_state = None if epoch_end else self.epoch_metrics.reduced_state()
-        state = self.checkpoint_state(epoch_state) if self.rank == 0 else None
+        mid_epoch = None
+        if not epoch_end:
+            mid_epoch = {
+                EPOCH_METRICS_KEY: self.epoch_metrics.reduced_state(),
+                EPOCH_ROWS_KEY: self.rows.reduced_state(),
+            }
+        state = self.checkpoint_state(mid_epoch) if self.rank == 0 else None
         score = float(metrics.get("val/top1", -1.0))
         self._send({**metrics, CHECKPOINT_SCORE: score}, checkpoint=True, state=state)
 
-    def checkpoint_state(self, epoch_metrics: dict[str, Any] | None) -> dict[str, Any]:
-        """The training state at this point: mid-epoch (with the running epoch metrics) or at
-        the epoch end (``epoch_metrics`` None: the next epoch starts fresh)."""
+    def checkpoint_state(self, mid_epoch: dict[str, Any] | None) -> dict[str, Any]:
+        """The training state at this point: mid-epoch (with the epoch's running state,
+        ``mid_epoch``) or at the epoch end (None: the next epoch starts fresh)."""
         extra = {e.key: e.state_dict() for e in self.extensions if e.key is not None}
         epoch, batches = self.epoch, self.batches_done
-        if epoch_metrics is None:
+        if mid_epoch is None:
             epoch, batches = epoch + 1, 0
         else:
-            extra[EPOCH_METRICS_KEY] = epoch_metrics
+            extra.update(mid_epoch)
         return training_state(
             self.training.model,
             self.training.optimizer,

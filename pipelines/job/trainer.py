@@ -9,8 +9,11 @@ import signal
 from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
+from ray.train import UserCallback
+
+from pipelines import data as data_lib
 from pipelines import storage, tracking
-from pipelines.config import JobConfig, flatten, to_dict
+from pipelines.config import RESUME_MAY_CHANGE, JobConfig, flatten, to_dict
 from pipelines.job.checkpoints import CHECKPOINT_SCORE
 from pipelines.job.final_model import log_final_model
 from pipelines.job.parts import StepPlan
@@ -20,6 +23,19 @@ from pipelines.manifest import Manifest
 
 class TrainingInterrupted(Exception):
     """SIGINT or SIGTERM stopped the run; its checkpoints stay and a re-run resumes it."""
+
+
+class EndOnUnreadableShard(UserCallback):
+    """Ends the run when a worker met a shard that no longer reads: Ray Train would restart the
+    worker group (``scale.max_failures`` times), to read the same bytes again. An error raised
+    by a callback ends the run at once: Ray Train's failure policy does not retry controller
+    errors."""
+
+    def after_exception(self, run_context: Any, worker_exceptions: dict[int, Exception]) -> None:
+        for error in worker_exceptions.values():
+            shard_error = data_lib.unreadable_shard(error)
+            if shard_error is not None:
+                raise shard_error
 
 
 def build_trainer(
@@ -66,7 +82,7 @@ def build_trainer(
                 checkpoint_score_attribute=CHECKPOINT_SCORE,
                 checkpoint_score_order="max",
             ),
-            callbacks=list(callbacks),
+            callbacks=[*callbacks, EndOnUnreadableShard()],
             # Ray Train's INFO lines (one per report) stay in its log files.
             logging_config=LoggingConfig(log_level="WARNING"),
         ),
@@ -123,8 +139,13 @@ def run_training(
         # SIGINT: Ray Train aborts the run and exits; SIGTERM: sigterm_interrupts() below.
         client.set_terminated(run_id, "FAILED")
         raise TrainingInterrupted(f"interrupted ({last_signal()})") from None
-    except BaseException:
+    except BaseException as e:
+        shard_error = data_lib.unreadable_shard(e)
+        if shard_error is not None:
+            tracking.set_tags(client, run_id, {"failure": str(shard_error)[:5000]})
         client.set_terminated(run_id, "FAILED")
+        if shard_error is not None:
+            raise shard_error from None
         raise
     client.set_terminated(run_id, "FINISHED")
     return {**metrics, "mlflow_run_id": run_id}
@@ -149,7 +170,7 @@ def _open_run(
     try:
         if resumed:
             tracking.set_tags(client, run_id, tags)
-        tracking.log_params_once(client, run_id, flatten(config))
+        tracking.log_params_once(client, run_id, flatten(config), may_change=RESUME_MAY_CHANGE)
     except BaseException:
         client.set_terminated(run_id, "FAILED")
         raise
