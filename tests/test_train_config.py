@@ -323,3 +323,28 @@ def test_one_trainer_builder_keeps_the_best_checkpoints_by_validation_top1():
     assert built.run_config.failure_config.max_failures == 5
     assert built.run_config.name == config.run_name
     assert tune.build_trainer is trainer.build_trainer
+
+
+def test_a_resumed_run_may_change_its_worker_count_but_nothing_it_computes(tmp_path, monkeypatch):
+    """check_resumable against a real MLflow store holding the run's params: scale.* sizes may
+    change (pipelines.config.RESUME_MAY_CHANGE), anything else is refused with the fix."""
+    from mlflow.tracking import MlflowClient
+
+    from pipelines import tracking
+    from pipelines.config import ConfigError, flatten
+    from pipelines.job.checks import check_resumable
+
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
+    config = build_recipe("demo")
+    client = MlflowClient(tracking_uri=uri)
+    experiment = tracking.ensure_experiment(client, config.run.experiment, uri)
+    run_id, _ = tracking.find_or_create_run(client, experiment, config.run_name)
+    tracking.log_params_once(client, run_id, flatten(config))
+    wider = dataclasses.replace(
+        config, scale=dataclasses.replace(config.scale, num_workers=4, cpus_per_worker=2.0)
+    )
+    check_resumable(wider)  # no error
+    faster = dataclasses.replace(config, optim=dataclasses.replace(config.optim, lr=0.2))
+    with pytest.raises(ConfigError, match=r"started with optim.lr=0.1 \(now 0.2\).*new --name"):
+        check_resumable(faster)
