@@ -541,7 +541,7 @@ def _unreadable(uri: str, problem: str) -> ShardUnreadable:
     return ShardUnreadable(
         f"shard {storage.redact(uri)} {problem}: the dataset changed after the run started — "
         f"restore it, or delete it and re-run resnet-prepare with --out {root} (it rewrites "
-        "missing and cut-short shards), then resume the run"
+        "missing and cut-short shards), then run the command again"
     )
 
 

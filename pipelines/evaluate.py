@@ -592,6 +592,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     except EvalError as e:
         return _fail(e, EXIT_FAILED)
     except ray.exceptions.RayError as e:  # a worker raised or died
+        shard_error = data_lib.unreadable_shard(e)
+        if shard_error is not None:  # the dataset changed since the checks: say which shard
+            return _fail(shard_error, EXIT_FAILED)
         cause = getattr(e, "cause", None) or e
         first_line = str(cause).strip().splitlines()[0] if str(cause).strip() else ""
         return _fail(f"a worker failed: {type(cause).__name__}: {first_line}", EXIT_FAILED)

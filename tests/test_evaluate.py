@@ -456,8 +456,8 @@ def test_a_failing_worker_is_one_line_and_exit_1(
     assert evaluate.main([str(checkpoint_dir), "--data", str(broken), "--workers", "2"]) == 1
     err = capsys.readouterr().err
     assert err.count("\n") == 1
-    assert err.startswith("resnet-eval: a worker failed: ValueError: ")
-    assert "re-run resnet-prepare" in err
+    assert err.startswith(f"resnet-eval: shard {shard} has 2 rows, the manifest promised")
+    assert f"re-run resnet-prepare with --out {broken} " in err
 
 
 @pytest.mark.slow

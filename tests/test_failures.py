@@ -1,6 +1,7 @@
 """Unreachable services fail fast and clean: every command that needs an MLflow store or a Ray
 cluster that does not answer exits 2 within seconds, with one line naming what is unreachable
-and the fix, before any Ray starts — and a password in a URI never reaches the console."""
+and the fix, before any Ray starts — and a password in a URI (store, cluster, S3 location)
+never reaches the console."""
 
 from __future__ import annotations
 
@@ -57,6 +58,23 @@ CASES = {
         ["pipelines.prepare", "synthetic", "--out", "out", "--address", "127.0.0.1:{port}"],
         "cannot reach the Ray cluster at 127.0.0.1:{port}",
     ),
+    # A password in every other kind of location a command takes.
+    "train-client-cluster": (
+        ["pipelines.train", "--address", "ray://alice:{secret}@127.0.0.1:{port}"],
+        "cannot reach the Ray cluster at ray://127.0.0.1:{port}",
+    ),
+    "train-s3-data": (
+        ["pipelines.train", "--data", "s3://alice:{secret}@bucket/data"],
+        "credentials in 's3://bucket/data' are not accepted",
+    ),
+    "tune-s3-storage": (
+        ["pipelines.tune", "--storage", "s3://alice:{secret}@bucket/runs"],
+        "credentials in 's3://bucket/runs' are not accepted",
+    ),
+    "eval-s3-run": (
+        ["pipelines.evaluate", "s3://alice:{secret}@bucket/runs/demo-resnet8"],
+        "credentials in 's3://bucket/runs/demo-resnet8' are not accepted",
+    ),
 }
 
 
@@ -70,7 +88,8 @@ def _start(case: str, tmp_path: Path, port: int) -> tuple[subprocess.Popen, floa
         if case.endswith("store")
         else f"sqlite:///{cwd / 'mlflow.db'}"
     )
-    return _run([a.format(port=port) for a in CASES[case][0]], cwd, MLFLOW_TRACKING_URI=store)
+    args = [a.format(port=port, secret=SENTINEL) for a in CASES[case][0]]
+    return _run(args, cwd, MLFLOW_TRACKING_URI=store)
 
 
 def test_unreachable_services_fail_fast_with_one_line_and_no_password(tmp_path, dead_port):

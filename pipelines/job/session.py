@@ -22,6 +22,7 @@ import socket
 import sys
 from collections.abc import Iterator
 
+from pipelines import storage
 from pipelines.config import ConfigError, JobConfig
 
 
@@ -107,20 +108,22 @@ CONNECT_TIMEOUT_S = 5
 
 
 def check_reachable(address: str) -> None:
-    """A ``host:port`` cluster address answers a TCP connection within seconds; ConfigError
-    naming it otherwise. Other forms (``auto``, ``ray://``, a dashboard URL) are Ray's to
-    resolve."""
-    host, sep, port = address.rpartition(":")
-    if not sep or "/" in address or not port.isdigit():
+    """A ``host:port`` or ``ray://host:port`` cluster address answers a TCP connection within
+    seconds; ConfigError naming it (any password removed) otherwise. Other forms (``auto``, a
+    dashboard URL) are Ray's to resolve."""
+    hostport = address.removeprefix("ray://").rpartition("@")[2]  # no user:password@
+    host, sep, port = hostport.rpartition(":")
+    if not sep or "/" in hostport or not port.isdigit():
         return
     try:
         with socket.create_connection((host, int(port)), timeout=CONNECT_TIMEOUT_S):
             pass
     except OSError as e:
         raise ConfigError(
-            f"cannot reach the Ray cluster at {address} ({e.strerror or type(e).__name__}); "
-            "check --address / RAY_ADDRESS (the head node's GCS, host:port, e.g. "
-            "10.0.0.5:6379) and that the cluster is up"
+            f"cannot reach the Ray cluster at {storage.redact(address)} "
+            f"({e.strerror or type(e).__name__}); check --address / RAY_ADDRESS (the head "
+            "node's GCS, host:port, e.g. 10.0.0.5:6379, or ray://host:10001 for Ray Client) "
+            "and that the cluster is up"
         ) from None
 
 
