@@ -4,10 +4,14 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Iterator
+from typing import TYPE_CHECKING
 
 import pytest
 
 from pipelines.job.session import free_loopback_port
+
+if TYPE_CHECKING:
+    from tests.s3_faults import FaultyMotoServer, Throttle
 
 
 @pytest.fixture(scope="module")
@@ -37,20 +41,20 @@ def mlflow_uri(tmp_path_factory) -> Iterator[str]:
 
 
 @pytest.fixture(scope="module")
-def s3_server() -> Iterator[str]:
-    """A real S3 endpoint on loopback (moto's ThreadedMotoServer); yields its URL.
+def s3_moto() -> Iterator[FaultyMotoServer]:
+    """A real S3 endpoint on loopback (moto's threaded server, with a throttle that is off until
+    a test turns it on: ``s3_throttle``).
 
     While it runs, the environment holds dummy credentials, region us-east-1 and
     ``AWS_ENDPOINT_URL`` pointing at it (restored afterwards); shared AWS config files are
     hidden and the EC2 metadata lookup is off, so nothing reaches a real AWS account.
     """
-    from moto.server import ThreadedMotoServer
+    from tests.s3_faults import FaultyMotoServer  # moto loads in the modules that use S3 only
 
     logging.getLogger("werkzeug").setLevel(logging.ERROR)  # one log line per request otherwise
     port = free_loopback_port()
-    server = ThreadedMotoServer(ip_address="127.0.0.1", port=port, verbose=False)
+    server = FaultyMotoServer("127.0.0.1", port)
     server.start()
-    endpoint = f"http://127.0.0.1:{port}"
     with pytest.MonkeyPatch.context() as env:
         for name in (
             "AWS_PROFILE",
@@ -62,11 +66,25 @@ def s3_server() -> Iterator[str]:
         env.setenv("AWS_ACCESS_KEY_ID", "testing")
         env.setenv("AWS_SECRET_ACCESS_KEY", "testing")
         env.setenv("AWS_REGION", "us-east-1")
-        env.setenv("AWS_ENDPOINT_URL", endpoint)
+        env.setenv("AWS_ENDPOINT_URL", f"http://127.0.0.1:{port}")
         env.setenv("AWS_EC2_METADATA_DISABLED", "true")
         env.setenv("AWS_CONFIG_FILE", "/nonexistent/aws-config")
         env.setenv("AWS_SHARED_CREDENTIALS_FILE", "/nonexistent/aws-credentials")
         try:
-            yield endpoint
+            yield server
         finally:
             server.stop()
+
+
+@pytest.fixture(scope="module")
+def s3_server(s3_moto) -> str:
+    """The URL of the module's S3 endpoint on loopback (see ``s3_moto``)."""
+    host, port = s3_moto.get_host_and_port()
+    return f"http://{host}:{port}"
+
+
+@pytest.fixture
+def s3_throttle(s3_moto) -> Iterator[Throttle]:
+    """The S3 endpoint's throttle (``on(suffix, delay_s)``), turned off after the test."""
+    yield s3_moto.throttle
+    s3_moto.throttle.off()

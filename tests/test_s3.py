@@ -17,7 +17,7 @@ import pyarrow.parquet as pq
 import pytest
 from PIL import Image
 
-from pipelines import prepare, storage, tracking
+from pipelines import data, prepare, storage, tracking
 from pipelines.manifest import ManifestError, load_mean_image, read_manifest
 
 
@@ -165,11 +165,56 @@ def test_credentials_in_uri_are_refused(s3_server, capsys):
     assert "AKIAXYZ" not in err
 
 
+def _shard_keys(manifest, split: str) -> list[str]:
+    keys = []
+    for uri in manifest.shard_uris(split):
+        fs, path = storage.resolve(uri)
+        keys += pq.read_table(path, filesystem=fs, columns=["key"]).column("key").to_pylist()
+    return keys
+
+
+def test_throttled_and_slow_reads_lose_and_repeat_no_row(ray_s3, bucket, s3_throttle):
+    """S3 under load: the first read of each shard range gets 503 SlowDown, every later one
+    comes 50 ms late. The readers' retries absorb it: two ranks' training epoch is batch for
+    batch the one read from a calm endpoint (every row once), evaluation reads each image once."""
+    uri = f"s3://{bucket}/data"
+    argv = ["synthetic", "--classes", "3", "--train-per-class", "16", "--val-per-class", "4"]
+    assert prepare.main([*argv, "--shard-rows", "12", "--row-group-rows", "4", "--out", uri]) == 0
+    manifest = read_manifest(uri)
+    train_keys, val_keys = _shard_keys(manifest, "train"), _shard_keys(manifest, "val")
+
+    def epoch(split: str, mode: str) -> list[list[str]]:
+        options = data.DecodeOptions(mode=mode, image_size=32, map_batch_rows=4, task_rows=8)
+        ranks = [
+            data.iter_batches(
+                manifest, options, split=split, world_size=2, rank=rank, epoch=0, seed=0,
+                batch_size=4,
+            )
+            for rank in range(2)
+        ]  # fmt: skip
+        return [[key for batch in rank.batches() for key in batch.keys] for rank in ranks]
+
+    calm = epoch("train", "paper")
+    s3_throttle.on(".parquet", delay_s=0.05)
+    throttled = epoch("train", "paper")
+    evaluated = epoch("val", "eval_center")
+    assert s3_throttle.throttled >= len(manifest.splits["train"].shards) + 1  # + val's shard
+    assert s3_throttle.slowed >= s3_throttle.throttled
+    assert throttled == calm
+    keys = [key for rank in throttled for key in rank]
+    assert len(keys) == len(set(keys)) == 48
+    assert set(keys) == set(train_keys)
+    assert sorted(key for rank in evaluated for key in rank) == sorted(val_keys)
+
+
 @pytest.mark.slow
-def test_training_from_and_to_s3_survives_a_killed_driver(ray_s3, bucket, tmp_path, monkeypatch):
-    """Shards on S3, checkpoints on S3: the driver is SIGKILLed mid-epoch (its local Ray with
-    it), the same command resumes from the checkpoint on S3 at the exact batch, the one MLflow
-    run finishes, and resnet-eval scores the run folder on S3."""
+def test_training_from_and_to_s3_survives_a_killed_driver(
+    ray_s3, bucket, s3_throttle, tmp_path, monkeypatch
+):
+    """Shards on a throttled S3 (503 SlowDown once per shard range, reads slowed), checkpoints on
+    S3: the driver is SIGKILLed mid-epoch (its local Ray with it), the same command resumes from
+    the checkpoint on S3 at the exact batch, the one MLflow run finishes without a worker
+    restart, and resnet-eval scores the run folder on S3."""
     from mlflow.tracking import MlflowClient
 
     from pipelines import evaluate
@@ -178,6 +223,7 @@ def test_training_from_and_to_s3_survives_a_killed_driver(ray_s3, bucket, tmp_pa
     data_uri, runs_uri = f"s3://{bucket}/data", f"s3://{bucket}/runs"
     argv = ["synthetic", "--classes", "4", "--train-per-class", "24", "--val-per-class", "4"]
     assert prepare.main([*argv, "--out", data_uri]) == 0
+    s3_throttle.on(".parquet", delay_s=0.02)
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
     ray_tmp = Path(tempfile.mkdtemp(prefix="rs-", dir="/tmp"))
     marker = f"s3-train-{ray_tmp.name}"
@@ -222,6 +268,8 @@ def test_training_from_and_to_s3_survives_a_killed_driver(ray_s3, bucket, tmp_pa
     client = MlflowClient(tracking_uri=uri)
     (run,) = client.search_runs([client.get_experiment_by_name("resnet-ray").experiment_id])
     assert run.info.status == "FINISHED"
+    assert s3_throttle.throttled > 0
+    assert "worker_failures" not in run.data.tags  # the retries absorbed every SlowDown
     samples = client.get_metric_history(run.info.run_id, "train/epoch_samples")
     assert sorted((m.step, m.value) for m in samples) == [(6, 96), (12, 96)]
     losses = [m.step for m in client.get_metric_history(run.info.run_id, "train/window_loss")]
