@@ -23,9 +23,9 @@ from dataclasses import dataclass, field, fields, is_dataclass, replace
 from typing import Any, Literal
 
 from resnet_core.models import Shortcut, is_cifar_model
-from resnet_core.optim import ScheduleKind
+from resnet_core.optim import OptimizerName, ScheduleKind
 from resnet_core.step import Precision
-from resnet_core.transforms import AugmentMode
+from resnet_core.transforms import AugmentMode, AutoAugmentPolicy
 
 RUN_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,127}")
 # Ray node labels (Kubernetes' syntax): an optional DNS prefix, a name, a value.
@@ -57,6 +57,10 @@ class ModelConfig:
     shortcut: Shortcut | None = None  # None: the family's paper default (A CIFAR, B ImageNet)
     stride_in_3x3: bool = False  # bottleneck stride on the 3×3 ("v1.5") instead of the first 1×1
     zero_init_residual: bool = False
+    # Fine-tuning: initial weights (a .safetensors / .pt state dict, or torchvision:<weights>,
+    # e.g. torchvision:ResNet50_Weights.IMAGENET1K_V2); reset_head keeps a fresh classifier.
+    init: str | None = None
+    reset_head: bool = False
 
     def check(self) -> None:
         try:
@@ -66,6 +70,18 @@ class ModelConfig:
                 f"model.name={self.name!r} is not a ResNet v1 model; use resnet18/34/50/101/152, "
                 "plain18/34, or resnet{6n+2}/plain{6n+2} for CIFAR (resnet20, resnet56, ...)"
             ) from None
+        _require(
+            not self.reset_head or bool(self.init),
+            "model.reset_head=true needs initial weights: pass --init (model.init)",
+        )
+        bottleneck = self.name in ("resnet50", "resnet101", "resnet152")
+        _require(
+            not (self.init or "").startswith("torchvision:")
+            or not bottleneck
+            or self.stride_in_3x3,
+            f"torchvision's {self.name} weights are v1.5 (stride on the 3x3 conv): set "
+            "model.stride_in_3x3=true",
+        )
 
 
 @dataclass(frozen=True)
@@ -75,7 +91,9 @@ class DataConfig:
     val_split: str = "val"
     augment: AugmentMode = "cifar"
     image_size: int = 32  # training crop side in pixels
-    eval_resize: int = 36  # evaluation: shorter side resized to this, centre crop image_size
+    eval_resize: int = 36  # evaluation: shorter side resized to this, then the centre crop
+    # The evaluation crop side (FixRes: train at 176, evaluate at 224); None: image_size.
+    eval_image_size: int | None = None
     mean: MeanMode = "per_pixel"
     normalize_std: bool = False  # divide by the per-channel std (modern recipes); paper: no
     lighting_std: float = 0.0  # AlexNet PCA colour augmentation σ (paper §3.4 uses 0.1)
@@ -88,12 +106,34 @@ class DataConfig:
     prefetch_batches: int = 2
     shuffle_buffer: int = 1024  # rows in each worker's local shuffle buffer (after file shuffle)
     seed: int = 0
+    # MixUp / CutMix on the device, per batch (torchvision.transforms.v2); 0: off. With both on,
+    # each batch gets one of them, CutMix with probability mix_switch_prob.
+    mixup_alpha: float = 0.0
+    cutmix_alpha: float = 0.0
+    mix_switch_prob: float = 0.5
+    # Per-image policies on the training crops, in the decode tasks (torchvision's
+    # --auto-augment, --ra-magnitude, --augmix-severity, --random-erase).
+    auto_augment: AutoAugmentPolicy | None = None
+    ra_magnitude: int = 9
+    augmix_severity: int = 3
+    random_erase: float = 0.0  # probability per image
+
+    @property
+    def eval_crop(self) -> int:
+        """The side of evaluation crops (validation, resnet-eval, the served model's example)."""
+        return self.eval_image_size or self.image_size
 
     def check(self) -> None:
         _require(self.image_size >= 32, f"data.image_size={self.image_size} must be at least 32")
         _require(
-            self.eval_resize >= self.image_size,
-            f"data.eval_resize={self.eval_resize} must be >= data.image_size",
+            self.eval_image_size is None or self.eval_image_size >= 32,
+            f"data.eval_image_size={self.eval_image_size} must be at least 32, or none for "
+            "data.image_size",
+        )
+        _require(
+            self.eval_resize >= self.eval_crop,
+            f"data.eval_resize={self.eval_resize} must be >= the evaluation crop "
+            f"({self.eval_crop}: data.eval_image_size, else data.image_size)",
         )
         _require(self.lighting_std >= 0, f"data.lighting_std={self.lighting_std} must be >= 0")
         _require(self.decode_cpus > 0, f"data.decode_cpus={self.decode_cpus} must be positive")
@@ -122,6 +162,29 @@ class DataConfig:
             f"data.shuffle_buffer={self.shuffle_buffer} must be >= 0 (0: off)",
         )
         _require(self.seed >= 0, f"data.seed={self.seed} must be >= 0")
+        for name in ("mixup_alpha", "cutmix_alpha"):
+            value = getattr(self, name)
+            _require(value >= 0, f"data.{name}={value} must be >= 0 (0: off)")
+        _require(
+            0 <= self.mix_switch_prob <= 1,
+            f"data.mix_switch_prob={self.mix_switch_prob} must be in [0, 1]",
+        )
+        _require(
+            0 <= self.ra_magnitude <= 30,
+            f"data.ra_magnitude={self.ra_magnitude} must be in [0, 30] (RandAugment's bins)",
+        )
+        _require(
+            1 <= self.augmix_severity <= 10,
+            f"data.augmix_severity={self.augmix_severity} must be in [1, 10]",
+        )
+        _require(
+            0 <= self.random_erase <= 1, f"data.random_erase={self.random_erase} must be in [0, 1]"
+        )
+        _require(
+            self.decode_device == "cpu" or (self.auto_augment is None and not self.random_erase),
+            "data.auto_augment and data.random_erase run in the decode tasks: use "
+            "data.decode_device=cpu",
+        )
 
 
 @dataclass(frozen=True)
@@ -133,9 +196,21 @@ class OptimConfig:
     weight_decay: float = 1e-4
     decay_norm_and_bias: bool = True  # paper: decay every weight
     label_smoothing: float = 0.0
+    name: OptimizerName = "sgd"
+    betas: tuple[float, ...] = (0.9, 0.999)  # adamw, lamb
+    eps: float = 1e-8  # adamw, lamb, lars
 
     def check(self) -> None:
         _require(self.lr > 0, f"optim.lr={self.lr} must be positive")
+        _require(
+            len(self.betas) == 2 and all(0 <= b < 1 for b in self.betas),
+            f"optim.betas={self.betas} must be two values in [0, 1), e.g. optim.betas=0.9,0.999",
+        )
+        _require(self.eps > 0, f"optim.eps={self.eps} must be positive")
+        _require(
+            not self.nesterov or self.name in ("sgd", "lars"),
+            f"optim.nesterov=true applies to sgd and lars, not optim.name={self.name}",
+        )
         _require(
             self.reference_batch is None or self.reference_batch > 0,
             f"optim.reference_batch={self.reference_batch} must be positive",
@@ -189,6 +264,14 @@ class TrainConfig:
     compile: bool = False
     sync_bn: bool = False  # SyncBatchNorm across GPU workers (NCCL)
     seed: int = 0
+    accumulate_steps: int = 1  # micro-batches per optimizer step (same step, less memory)
+    clip_grad_norm: float | None = None  # max total gradient norm; None: no clipping
+    # An exponential moving average of the weights (torchvision's --model-ema): updated every
+    # ema_steps steps, validated beside the raw weights, the final model when on.
+    ema: bool = False
+    ema_steps: int = 32
+    ema_decay: float = 0.99998  # per image seen, as torchvision's (adjusted to batch and steps)
+    freeze_backbone_epochs: int = 0  # fine-tuning: only the classifier learns for these epochs
 
     def check(self) -> None:
         for name in ("global_batch", "epochs", "max_steps"):
@@ -202,6 +285,18 @@ class TrainConfig:
             f"train.checkpoint_every_steps={self.checkpoint_every_steps} must be >= 1 or None",
         )
         _require(self.seed >= 0, f"train.seed={self.seed} must be >= 0")
+        for name in ("accumulate_steps", "ema_steps"):
+            value = getattr(self, name)
+            _require(value >= 1, f"train.{name}={value} must be >= 1")
+        _require(
+            self.clip_grad_norm is None or self.clip_grad_norm > 0,
+            f"train.clip_grad_norm={self.clip_grad_norm} must be positive, or none for no clipping",
+        )
+        _require(0 < self.ema_decay < 1, f"train.ema_decay={self.ema_decay} must be in (0, 1)")
+        _require(
+            self.freeze_backbone_epochs >= 0,
+            f"train.freeze_backbone_epochs={self.freeze_backbone_epochs} must be >= 0",
+        )
 
 
 @dataclass(frozen=True)
@@ -303,8 +398,18 @@ def validate(config: JobConfig) -> None:
         f"{sc.num_workers}; pick a batch that is a multiple of the worker count",
     )
     _require(
-        t.precision != "bf16" or sc.use_gpu,
-        "train.precision=bf16 needs scale.use_gpu=true; use fp32 or auto on CPU",
+        t.precision not in ("bf16", "fp16") or sc.use_gpu,
+        f"train.precision={t.precision} needs scale.use_gpu=true; use fp32 or auto on CPU",
+    )
+    _require(
+        not t.freeze_backbone_epochs or bool(config.model.init),
+        "train.freeze_backbone_epochs freezes pretrained weights: pass --init (model.init)",
+    )
+    per_worker = t.global_batch // sc.num_workers
+    _require(
+        per_worker % t.accumulate_steps == 0,
+        f"train.accumulate_steps={t.accumulate_steps} does not divide the batch of each worker "
+        f"({per_worker} = train.global_batch / scale.num_workers); pick a divisor of {per_worker}",
     )
     _require(
         not t.sync_bn or sc.use_gpu,

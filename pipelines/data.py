@@ -80,7 +80,7 @@ import math
 import zlib
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from itertools import pairwise
 from typing import Any, NamedTuple
 
@@ -99,6 +99,7 @@ from resnet_core.transforms import (
     AUGMENT_MODES,
     BoxSampler,
     CenterCrop,
+    ImageAugment,
     RandomResizedCrop,
     ScaleAugment,
     decode_batch,
@@ -169,6 +170,8 @@ class DecodeOptions:
     when none has a free CPU, or the cluster has none, any node takes them.
     prefetch_batches, shuffle_buffer (rows of Ray's local shuffle buffer, training only; None:
     off), pin_memory (pinned host batches for ``.to(cuda, non_blocking=True)``): iteration.
+    augment: per-image policies after the crop (auto-augment, random erasing; training, decoded
+    in the tasks).
     """
 
     mode: str
@@ -183,6 +186,7 @@ class DecodeOptions:
     prefetch_batches: int = 2
     shuffle_buffer: int | None = None
     pin_memory: bool = False
+    augment: ImageAugment = field(default_factory=ImageAugment)
 
     def __post_init__(self) -> None:
         if self.mode not in MODES:
@@ -195,6 +199,8 @@ class DecodeOptions:
             )
         if self.shuffle_buffer is not None and not self.train:
             raise ValueError("shuffle_buffer is for training; pass None to evaluate")
+        if self.augment and (not self.train or self.device is not None):
+            raise ValueError("per-image augment policies run in training decode tasks only")
         if self.image_size < 1:
             raise ValueError(f"image_size {self.image_size} must be positive")
         # Resolved defaults (the dataclass is frozen: set through object.__setattr__).
@@ -741,6 +747,8 @@ def _decode_map_batch(
         images = pad_crop_flip(images, rng, pad=CIFAR_PAD)
     if mode == "cifar_tutorial":
         images = random_affine(images, rng)
+    if options.augment:
+        images = options.augment(images, rng)
     return {"image": images, "label": labels, "key": keys_out, "bad": bad, **crops}
 
 

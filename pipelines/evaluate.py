@@ -440,14 +440,14 @@ def check_numbers(args: argparse.Namespace) -> None:
 def resolve_protocol(args: argparse.Namespace, config: JobConfig) -> Protocol:
     d = config.data
     eval_resize = args.eval_resize or d.eval_resize
-    if eval_resize < d.image_size:
+    if eval_resize < d.eval_crop:
         raise EvalInputError(
-            f"--eval-resize {eval_resize} is below the training crop {d.image_size}; use at "
-            f"least {d.image_size}"
+            f"--eval-resize {eval_resize} is below the evaluation crop {d.eval_crop}; use at "
+            f"least {d.eval_crop}"
         )
     scales = parse_scales(args.scales) if args.scales else None
     return Protocol(
-        image_size=d.image_size,
+        image_size=d.eval_crop,
         eval_resize=eval_resize,
         scales=scales or default_scales(config.model.name, d.image_size),
     )

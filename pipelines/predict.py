@@ -5,6 +5,7 @@ Run from a checkout:
     resnet-predict --model runs:/<run id> cat.jpg dog.png
     resnet-predict --model models:/resnet-ray-resnet50/latest --mode tencrop photo.jpg
     resnet-predict --model results/demo-resnet8 --data data/synthetic-cifar img.png
+    resnet-predict --model runs:/<run id> --onnx model.onnx cat.jpg   # under onnxruntime
 
 ``--model`` takes everything resnet-eval takes (checkpoint, run folder, final/ folder, runs:/,
 models:/). The model's input normalisation (per-pixel or per-channel mean) and, for checkpoints,
@@ -41,6 +42,7 @@ from pipelines.job.inference import (
 )
 from pipelines.manifest import ManifestError, read_manifest
 from resnet_core.checkpoint import CheckpointError
+from resnet_core.export import OnnxModel
 
 TOP = 5
 EXIT_UNREADABLE, EXIT_BAD_INPUT = 1, 2
@@ -62,6 +64,12 @@ def build_parser() -> argparse.ArgumentParser:
         "--data",
         help="dataset whose manifest gives the normalisation and class names "
         "(default: the one the model was trained on)",
+    )
+    parser.add_argument(
+        "--onnx",
+        metavar="FILE",
+        help="score with this ONNX export of the model (final/model.onnx of its run) under "
+        "onnxruntime; --model still gives the classes and the evaluation sizes",
     )
     parser.add_argument("--mode", default="center", choices=MODES, help="test protocol")
     parser.add_argument("images", nargs="+", metavar="IMAGE", help="image files")
@@ -91,14 +99,20 @@ def main(argv: Sequence[str] | None = None) -> int:
         data_uri = storage.absolute_uri(args.data or trained.config.data.uri)
         manifest = read_manifest(data_uri)
         spec = model_spec(trained, manifest)
+        if args.onnx and not Path(args.onnx).is_file():
+            raise EvalInputError(f"--onnx {args.onnx}: no such file (final/model.onnx of a run)")
+        if args.onnx and args.mode == "multiscale":
+            raise EvalInputError(
+                "the ONNX model takes crops of one size: use --mode center or tencrop"
+            )
     except (EvalInputError, ConfigError, CheckpointError, ManifestError, storage.StorageError) as e:
         _fail(e)
         return EXIT_BAD_INPUT
     d = trained.config.data
-    protocol = Protocol(d.image_size, d.eval_resize, default_scales(spec.name, d.image_size))
+    protocol = Protocol(d.eval_crop, d.eval_resize, default_scales(spec.name, d.image_size))
     classes = trained.classes or manifest.classes
     names = trained.class_names or manifest.class_names
-    model = build_model(spec, trained.origin)
+    model = OnnxModel(args.onnx) if args.onnx else build_model(spec, trained.origin)
     device = torch.device("cpu")
     status = 0
     for path in args.images:

@@ -13,6 +13,10 @@
 - ``imagenet-fast``: a modern ResNet-50 recipe — v1.5 bottlenecks, zero-init residual BN,
   Inception crop, label smoothing 0.1, cosine schedule with 5 warm-up epochs, lr 0.1 per 256 images
   scaled linearly with the global batch (Goyal et al. 2017), bf16 on GPU, no decay on BN/bias.
+- ``finetune``: torchvision's ResNet-50 IMAGENET1K_V2 weights fine-tuned on your own images
+  (``resnet-prepare folder``): a new classifier, ImageNet normalisation, Inception crops at 224,
+  evaluation at 224 after resizing to 232 (as the weights were evaluated), SGD lr 0.01 per 256
+  images with a one-epoch warm-up and cosine decay, label smoothing 0.1, 15 epochs.
 """
 
 from __future__ import annotations
@@ -137,12 +141,55 @@ def imagenet_fast(model: str = "resnet50") -> JobConfig:
     )
 
 
+FINETUNE_WEIGHTS = {
+    "resnet18": "ResNet18_Weights.IMAGENET1K_V1",
+    "resnet34": "ResNet34_Weights.IMAGENET1K_V1",
+    "resnet50": "ResNet50_Weights.IMAGENET1K_V2",
+    "resnet101": "ResNet101_Weights.IMAGENET1K_V2",
+    "resnet152": "ResNet152_Weights.IMAGENET1K_V2",
+}
+
+
+def finetune(model: str = "resnet50") -> JobConfig:
+    """A pretrained torchvision ResNet on a folder of your own images; 1 worker, add ``--gpu``
+    (and ``--workers``) where there are GPUs."""
+    weights = FINETUNE_WEIGHTS.get(model)
+    return JobConfig(
+        recipe="finetune",
+        model=ModelConfig(
+            name=model,
+            stride_in_3x3=True,  # torchvision's bottlenecks are v1.5
+            init=f"torchvision:{weights}" if weights else None,
+            reset_head=True,
+        ),
+        data=DataConfig(
+            uri="data/my-images",
+            augment="inception",
+            image_size=224,
+            eval_resize=232,
+            mean="imagenet",  # the statistics the weights were trained with
+            normalize_std=True,
+        ),
+        optim=OptimConfig(
+            lr=0.01,
+            reference_batch=256,
+            weight_decay=1e-4,
+            decay_norm_and_bias=False,
+            label_smoothing=0.1,
+        ),
+        schedule=ScheduleConfig(kind="cosine", warmup_epochs=1),
+        train=TrainConfig(global_batch=64, epochs=15, log_every_steps=10),
+        scale=ScaleConfig(num_workers=1, cpus_per_worker=2.0),
+    )
+
+
 RECIPES: dict[str, Callable[..., JobConfig]] = {
     "demo": demo,
     "cifar-paper": cifar_paper,
     "cifar-tutorial": cifar_tutorial,
     "imagenet-paper": imagenet_paper,
     "imagenet-fast": imagenet_fast,
+    "finetune": finetune,
 }
 
 

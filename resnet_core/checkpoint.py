@@ -55,6 +55,7 @@ __all__ = [
     "restore_training_state",
     "save_checkpoint",
     "save_weights",
+    "strip_wrapper_prefixes",
     "training_state",
 ]
 
@@ -636,7 +637,7 @@ def bare_model(model: nn.Module) -> nn.Module:
             return model
 
 
-def _strip_wrapper_prefixes(state_dict: Mapping[str, Tensor]) -> dict[str, Tensor]:
+def strip_wrapper_prefixes(state_dict: Mapping[str, Tensor]) -> dict[str, Tensor]:
     """Bare-model keys for a state dict saved from a wrapped model ("module.conv1.weight",
     "_orig_mod.module.conv1.weight")."""
     state = dict(state_dict)
@@ -695,7 +696,7 @@ def restore_training_state(
     """
     bare = bare_model(model)
     try:
-        bare.load_state_dict(_strip_wrapper_prefixes(state["model"]))
+        bare.load_state_dict(strip_wrapper_prefixes(state["model"]))
     except RuntimeError as error:
         message = " ".join(str(error).split())
         raise CheckpointError(
@@ -734,7 +735,7 @@ def save_weights(
     if isinstance(model_or_state_dict, nn.Module):
         state_dict = bare_model(model_or_state_dict).state_dict()
     else:
-        state_dict = _strip_wrapper_prefixes(model_or_state_dict)
+        state_dict = strip_wrapper_prefixes(model_or_state_dict)
     tensors = {}
     for key, value in state_dict.items():
         if not isinstance(value, Tensor):

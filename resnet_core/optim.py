@@ -14,38 +14,83 @@ from __future__ import annotations
 
 import math
 from dataclasses import asdict, dataclass, field
-from typing import Literal, get_args
+from typing import Any, Literal, get_args
 
 import torch
-from torch import nn
+from torch import Tensor, nn
 
 ScheduleKind = Literal["multistep", "cosine", "plateau", "constant"]
 SCHEDULE_KINDS: tuple[str, ...] = get_args(ScheduleKind)
 
 
-def build_sgd(
+# sgd: the paper's (momentum, optional Nesterov). adamw: torch's, decoupled decay (Loshchilov &
+# Hutter 2019). lars (You et al. 2017) and lamb (You et al. 2020), layer-wise trust ratios for
+# very large batches: timm's maintained implementations.
+OptimizerName = Literal["sgd", "adamw", "lars", "lamb"]
+OPTIMIZERS: tuple[str, ...] = get_args(OptimizerName)
+
+
+def build_optimizer(
     model: nn.Module,
+    name: OptimizerName = "sgd",
     *,
     lr: float,
-    momentum: float,
     weight_decay: float,
+    momentum: float = 0.9,
     nesterov: bool = False,
+    betas: tuple[float, float] = (0.9, 0.999),
+    eps: float = 1e-8,
     decay_norm_and_bias: bool = True,
-) -> torch.optim.SGD:
-    """SGD with momentum; the paper decays every weight (§3.4: weight decay 1e-4, momentum 0.9).
+    head: str | None = None,
+) -> torch.optim.Optimizer:
+    """The optimizer ``name`` over ``model``'s trainable parameters. ``momentum``/``nesterov``
+    apply to sgd and lars, ``betas``/``eps`` to adamw and lamb (lars uses ``eps`` too).
 
+    The paper decays every weight (§3.4: weight decay 1e-4, momentum 0.9);
     ``decay_norm_and_bias=False`` exempts BN parameters and biases from weight decay, as modern
-    recipes do (Goyal et al. 2017 keep decay on them; many later recipes drop it).
+    recipes do (Goyal et al. 2017 keep decay on them; many later recipes drop it). LARS and
+    LAMB then skip their trust ratio on those too (timm: adaptation only where decay applies).
+    ``head``: the classifier's module name (``fc``); its parameters get groups of their own and
+    every other group is marked ``backbone`` (its ``lr_scale`` can freeze it, see set_lr).
     """
-    if decay_norm_and_bias:
-        groups = [{"params": [p for p in model.parameters() if p.requires_grad]}]
-    else:
-        decay = [p for p in model.parameters() if p.requires_grad and p.ndim > 1]
-        no_decay = [p for p in model.parameters() if p.requires_grad and p.ndim <= 1]
-        groups = [{"params": decay}, {"params": no_decay, "weight_decay": 0.0}]
-    return torch.optim.SGD(
-        groups, lr=lr, momentum=momentum, weight_decay=weight_decay, nesterov=nesterov
-    )
+    groups = _parameter_groups(model, decay_norm_and_bias, head)
+    if name == "sgd":
+        return torch.optim.SGD(
+            groups, lr=lr, momentum=momentum, weight_decay=weight_decay, nesterov=nesterov
+        )
+    if name == "adamw":
+        return torch.optim.AdamW(groups, lr=lr, betas=betas, eps=eps, weight_decay=weight_decay)
+    from timm.optim import Lamb, Lars  # only runs that pick them pay for importing timm
+
+    if name == "lars":
+        return Lars(
+            groups, lr=lr, momentum=momentum, nesterov=nesterov, weight_decay=weight_decay, eps=eps
+        )
+    if name == "lamb":
+        return Lamb(groups, lr=lr, betas=betas, eps=eps, weight_decay=weight_decay)
+    raise ValueError(f"optimizer {name!r} is unknown; use one of {OPTIMIZERS}")
+
+
+def _parameter_groups(
+    model: nn.Module, decay_norm_and_bias: bool, head: str | None
+) -> list[dict[str, Any]]:
+    named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+    parts: list[tuple[dict[str, Any], list[Tensor]]] = [({}, [p for _, p in named])]
+    if head is not None:
+        in_head = {n for n, _ in named if n.startswith(f"{head}.")}
+        parts = [
+            ({"backbone": True}, [p for n, p in named if n not in in_head]),
+            ({"backbone": False}, [p for n, p in named if n in in_head]),
+        ]
+    groups = []
+    for marks, params in parts:
+        if decay_norm_and_bias:
+            groups.append({"params": params, **marks})
+        else:
+            groups.append({"params": [p for p in params if p.ndim > 1], **marks})
+            no_decay = [p for p in params if p.ndim <= 1]
+            groups.append({"params": no_decay, "weight_decay": 0.0, **marks})
+    return groups
 
 
 def scaled_lr(lr: float, global_batch: int, reference_batch: int | None) -> float:
@@ -60,9 +105,10 @@ def scaled_lr(lr: float, global_batch: int, reference_batch: int | None) -> floa
 
 
 def set_lr(optimizer: torch.optim.Optimizer, lr: float) -> None:
-    """Write one learning rate into every parameter group."""
+    """Write the learning rate into every parameter group, times the group's ``lr_scale``
+    (default 1; 0 holds a frozen backbone still)."""
     for group in optimizer.param_groups:
-        group["lr"] = lr
+        group["lr"] = lr * group.get("lr_scale", 1.0)
 
 
 @dataclass

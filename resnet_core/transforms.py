@@ -36,6 +36,56 @@ from resnet_core import jpeg
 AugmentMode = Literal["paper", "inception", "cifar", "cifar_tutorial"]
 AUGMENT_MODES: tuple[str, ...] = get_args(AugmentMode)
 
+# torchvision's --auto-augment values (references/classification/presets.py): RandAugment,
+# TrivialAugmentWide, AugMix, and AutoAugment's ImageNet policy.
+AutoAugmentPolicy = Literal["ra", "ta_wide", "augmix", "imagenet"]
+
+
+@dataclass(frozen=True)
+class ImageAugment:
+    """Per-image policies on uint8 training crops, after the crop and flip, as torchvision's
+    reference presets apply them: an auto-augment ``policy`` (None: none), then RandomErasing
+    with probability ``erase_p``. torchvision erases after normalisation with 0, i.e. the mean
+    colour; on uint8 crops that is ``erase_value``, the input mean (0..255 RGB).
+
+    Each image gets its own draw. The draws come from torch's generator seeded by the ``rng``
+    the crops came from, so a map batch's output is a function of its plan (exact resume)."""
+
+    policy: AutoAugmentPolicy | None = None
+    magnitude: int = 9  # RandAugment
+    severity: int = 3  # AugMix
+    erase_p: float = 0.0
+    erase_value: tuple[int, int, int] = (0, 0, 0)
+
+    def __bool__(self) -> bool:
+        return self.policy is not None or self.erase_p > 0
+
+    def transform(self):
+        from torchvision.transforms import v2
+
+        steps = []
+        bilinear = v2.InterpolationMode.BILINEAR  # the reference presets' default
+        if self.policy == "ra":
+            steps.append(v2.RandAugment(interpolation=bilinear, magnitude=self.magnitude))
+        elif self.policy == "ta_wide":
+            steps.append(v2.TrivialAugmentWide(interpolation=bilinear))
+        elif self.policy == "augmix":
+            steps.append(v2.AugMix(interpolation=bilinear, severity=self.severity))
+        elif self.policy == "imagenet":
+            steps.append(v2.AutoAugment(v2.AutoAugmentPolicy.IMAGENET, interpolation=bilinear))
+        if self.erase_p > 0:
+            steps.append(v2.RandomErasing(p=self.erase_p, value=list(self.erase_value)))
+        return v2.Compose(steps)
+
+    def __call__(self, images: np.ndarray, rng: np.random.Generator) -> np.ndarray:
+        """``images``: uint8 (N, H, W, 3); returns a new array of the same shape."""
+        transform = self.transform()
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(int(rng.integers(2**62)))
+            out = [transform(torch.from_numpy(image).permute(2, 0, 1)) for image in images]
+        return torch.stack(out).permute(0, 2, 3, 1).contiguous().numpy()
+
+
 # Per-channel statistics of the ImageNet training set, [0, 1] units, RGB order (torchvision).
 IMAGENET_MEAN_RGB = (0.485, 0.456, 0.406)
 IMAGENET_STD_RGB = (0.229, 0.224, 0.225)

@@ -17,6 +17,7 @@ from PIL import Image
 from pipelines import data
 from pipelines.manifest import read_manifest
 from pipelines.prepare import main as prepare_main
+from resnet_core.transforms import ImageAugment
 from tests.fixtures_imagenet import write_shard
 
 IMAGE_SIZE = 32  # small crops keep decoding fast; the synthetic images are 160-400 px
@@ -209,6 +210,28 @@ def test_same_seed_gives_the_same_batches_pixel_for_pixel(manifest):
     crops = {k: img for b in first for k, img in zip(b.keys, b.images, strict=True)}
     other_crops = {k: img for b in other for k, img in zip(b.keys, b.images, strict=True)}
     assert sum(torch.equal(crops[k], other_crops[k]) for k in crops) < len(crops) // 4
+
+
+def test_per_image_policies_change_every_crop_and_replay_exactly(manifest):
+    """TrivialAugment then RandomErasing (p=1) in the decode tasks: the same rows, every image
+    changed and holding an erased box of the given colour; the same plan gives the same
+    pixels."""
+    colour = (1, 2, 3)
+    policy = ImageAugment("ta_wide", erase_p=1.0, erase_value=colour)
+    plain = _epoch(manifest)
+    first, again = _epoch(manifest, augment=policy), _epoch(manifest, augment=policy)
+    assert _keys(first) == _keys(plain)
+    assert all(torch.equal(a.images, b.images) for a, b in zip(first, again, strict=True))
+    images = torch.cat([b.images for b in first])
+    assert not [
+        i
+        for i, (a, b) in enumerate(zip(torch.cat([b.images for b in plain]), images, strict=True))
+        if torch.equal(a, b)
+    ]
+    erased = (images == torch.tensor(colour, dtype=torch.uint8)).all(dim=-1)  # (N, H, W)
+    assert bool(erased.flatten(1).any(dim=1).all())
+    with pytest.raises(ValueError, match="training decode tasks only"):
+        data.DecodeOptions(mode="eval_center", image_size=IMAGE_SIZE, augment=policy)
 
 
 def test_skip_batches_yields_exactly_the_tail(manifest):

@@ -426,7 +426,7 @@ def assert_bad_input(argv: list[str], message: str, capsys) -> None:
         (["{checkpoint}", "--modes", "center,fivecrop"], "unknown mode 'fivecrop'"),
         (["{checkpoint}", "--modes", "multiscale", "--scales", "224,0"], "--scales"),
         (["{checkpoint}", "--data", "{empty}"], "no manifest.json"),
-        (["{checkpoint}", "--eval-resize", "16"], "below the training crop 32"),
+        (["{checkpoint}", "--eval-resize", "16"], "below the evaluation crop 32"),
         (["{checkpoint}", "--workers", "0"], "--workers 0 must be >= 1"),
         (["{checkpoint}", "--experiment", ""], "--experiment='' is not a valid MLflow"),
     ],

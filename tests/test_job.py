@@ -10,12 +10,14 @@ import sys
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import pytest
 import ray
 import torch
 from mlflow.tracking import MlflowClient
+from PIL import Image
 
-from pipelines import evaluate, shards, tracking
+from pipelines import evaluate, predict, shards, tracking
 from pipelines.config import JobConfig, validate
 from pipelines.data import read_split_keys
 from pipelines.job.checkpoints import CHECKPOINT_NAME
@@ -24,7 +26,7 @@ from pipelines.job.runner import Extension, TrainLoopRunner
 from pipelines.job.trainer import run_training
 from pipelines.recipes import build_recipe
 from pipelines.synthetic import SyntheticSpec
-from resnet_core.checkpoint import load_checkpoint, load_weights
+from resnet_core.checkpoint import bare_model, load_checkpoint, load_weights, save_weights
 from resnet_core.models import create_model
 from resnet_core.step import StepResult
 
@@ -161,7 +163,7 @@ def test_checkpoints_of_a_compiled_run_hold_the_bare_nets_keys(compiled_run):
 
 
 def test_the_final_model_of_a_compiled_run_loads_and_resnet_eval_scores_it(
-    compiled_run, mlflow_uri, capsys
+    compiled_run, mlflow_uri, capsys, tmp_path
 ):
     import mlflow
 
@@ -175,6 +177,19 @@ def test_the_final_model_of_a_compiled_run_loads_and_resnet_eval_scores_it(
     served = mlflow.pyfunc.load_model(model_uri, model_config={"device": "cpu"})
     logits = served.predict(torch.zeros((2, 32, 32, 3), dtype=torch.uint8).numpy())
     assert logits.shape == (2, CLASSES)
+    # The ONNX export, checked at the end of the run, scores images as the PyTorch model does.
+    run = client.get_run(run_id)
+    assert run.data.tags["onnx.opset"] == "18"
+    assert float(run.data.tags["onnx.max_logit_difference"]) < 1e-4
+    onnx_file = client.download_artifacts(run_id, "final/model.onnx")
+    image = tmp_path / "image.png"
+    Image.fromarray(np.random.default_rng(0).integers(0, 256, (40, 48, 3), dtype=np.uint8)).save(
+        image
+    )
+    assert predict.main(["--model", f"runs:/{run_id}", str(image)]) == 0
+    torch_lines = capsys.readouterr().out
+    assert predict.main(["--model", f"runs:/{run_id}", "--onnx", onnx_file, str(image)]) == 0
+    assert capsys.readouterr().out == torch_lines  # the same top-5, to 0.01%
     # resnet-eval: the run folder (newest checkpoint) and the run's final model.
     folder = str(Path(config.run.storage_path, config.run_name))
     assert evaluate.main([folder, "--modes", "center"]) == 0
@@ -188,27 +203,82 @@ def test_the_final_model_of_a_compiled_run_loads_and_resnet_eval_scores_it(
 # ---------------------------------------------------------------------------------------------
 
 
-def _final_weights(config: JobConfig, extensions: list[Extension]) -> dict[str, torch.Tensor]:
+def _final_state(config: JobConfig, extensions: list[Extension]) -> dict[str, Any]:
     manifest, plan = check_dataset(config)
-    run_training(config, manifest, plan, extensions)
+    metrics = run_training(config, manifest, plan, extensions)
     newest = max(Path(config.run.storage_path, config.run_name).glob("checkpoint-*"))
-    return load_checkpoint(newest)["model"]
+    return {"metrics": metrics, **load_checkpoint(newest)}
+
+
+# The toolbox on: every piece of state it adds (EMA weights, mixing RNG draws, micro-batches)
+# must come back from the checkpoint for the resumed run to end bit for bit where the other does.
+TOOLBOX = {
+    "train": {
+        "ema": True,
+        "ema_steps": 2,
+        "accumulate_steps": 2,
+        "clip_grad_norm": 1.0,
+        "freeze_backbone_epochs": 1,
+    },
+    "data": {
+        "mixup_alpha": 0.2,
+        "cutmix_alpha": 1.0,
+        "auto_augment": "ta_wide",
+        "random_erase": 0.25,
+    },
+    "optim": {"label_smoothing": 0.1},
+}
+
+
+class InitProbe(Extension):
+    """Writes, at setup, whether the worker's fresh net starts from the init weights."""
+
+    def __init__(self, weights: str, out: str) -> None:
+        self.weights, self.out = weights, out
+
+    def setup(self, runner: TrainLoopRunner) -> None:
+        expected = load_weights(self.weights)["conv1.weight"]
+        net = bare_model(runner.training.model)
+        Path(self.out).write_text(str(torch.equal(net.conv1.weight.cpu(), expected)))
 
 
 def test_a_run_interrupted_mid_epoch_ends_with_the_uninterrupted_runs_weights(
     dataset, mlflow_uri, tmp_path
 ):
-    """Killed after step 5 (the checkpoint at step 4 is one batch into epoch 2), restarted,
-    finished: every weight and buffer equals the uninterrupted run's, bit for bit (CPU)."""
-    gold = _config(dataset, tmp_path / "gold")
-    gold = dataclasses.replace(gold, run=dataclasses.replace(gold.run, name="gold"))
+    """Fine-tuned from init weights (a new head, the backbone frozen in epoch 1), with EMA,
+    MixUp/CutMix, TrivialAugment and RandomErasing, accumulation and clipping on: killed after
+    step 5 (the checkpoint at step 4 is one batch into epoch 2), restarted, finished: every
+    weight and buffer, and every EMA weight, equals the uninterrupted run's, bit for bit (CPU).
+    The EMA is validated beside the raw weights, and the final model is the EMA's."""
+    init = save_weights(tmp_path / "init.safetensors", create_model("resnet8", num_classes=10))
+    base = _config(dataset, tmp_path / "gold")
+    gold = dataclasses.replace(
+        base,
+        model=dataclasses.replace(base.model, init=str(init), reset_head=True),
+        run=dataclasses.replace(base.run, name="gold"),
+        **{name: dataclasses.replace(getattr(base, name), **v) for name, v in TOOLBOX.items()},
+    )
+    validate(gold)
     resumed = dataclasses.replace(gold, run=dataclasses.replace(gold.run, name="resumed"))
-    expected = _final_weights(gold, [])
-    got = _final_weights(resumed, [FailOnce(str(tmp_path / "failed"))])
+    expected = _final_state(gold, [InitProbe(str(init), str(tmp_path / "probe"))])
+    assert (tmp_path / "probe").read_text() == "True"  # fine-tuned from the init weights
+    got = _final_state(resumed, [FailOnce(str(tmp_path / "failed"))])
     assert (tmp_path / "failed").exists()
-    assert expected.keys() == got.keys()
-    different = [k for k in expected if not torch.equal(expected[k], got[k])]
-    assert different == []
+    for weights in (lambda s: s["model"], lambda s: s["extra"]["ema"]["weights"]):
+        assert weights(expected).keys() == weights(got).keys()
+        different = [
+            k for k in weights(expected) if not torch.equal(weights(expected)[k], weights(got)[k])
+        ]
+        assert different == []
+    ema, raw = got["extra"]["ema"]["weights"], got["model"]
+    assert not torch.equal(ema["fc.weight"], raw["fc.weight"])
+    client = MlflowClient(tracking_uri=mlflow_uri)
+    run_id = got["metrics"]["mlflow_run_id"]
+    assert sorted(m.step for m in client.get_metric_history(run_id, "val_ema/top1")) == [3, 6]
+    final = load_weights(Path(client.download_artifacts(run_id, "final"), "weights.safetensors"))
+    assert all(torch.equal(final[k], ema[k]) for k in ema)
+    params = client.get_run(run_id).data.params
+    assert (params["train.ema"], params["train.accumulate_steps"]) == ("True", "2")
 
 
 # ---------------------------------------------------------------------------------------------

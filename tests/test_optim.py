@@ -11,7 +11,7 @@ import torch
 from torch import nn
 
 from resnet_core.models import create_model
-from resnet_core.optim import LRSchedule, build_sgd, scaled_lr, set_lr
+from resnet_core.optim import LRSchedule, build_optimizer, scaled_lr, set_lr
 
 BASE = 0.1
 
@@ -150,7 +150,7 @@ def _one_step_with_zero_gradients(decay_norm_and_bias: bool) -> tuple[nn.Module,
     model = create_model("resnet8")
     before = create_model("resnet8")
     before.load_state_dict(model.state_dict())
-    optimizer = build_sgd(
+    optimizer = build_optimizer(
         model, lr=0.5, momentum=0.9, weight_decay=0.1, decay_norm_and_bias=decay_norm_and_bias
     )
     for p in model.parameters():
@@ -174,7 +174,9 @@ def test_no_decay_on_batch_norm_and_biases_when_asked():
 
 def test_no_decay_groups_cover_every_parameter_once():
     model = create_model("resnet8")
-    optimizer = build_sgd(model, lr=0.1, momentum=0.9, weight_decay=1e-4, decay_norm_and_bias=False)
+    optimizer = build_optimizer(
+        model, lr=0.1, momentum=0.9, weight_decay=1e-4, decay_norm_and_bias=False
+    )
     decay, no_decay = optimizer.param_groups
     assert no_decay["weight_decay"] == 0.0
     assert decay["weight_decay"] == 1e-4
@@ -185,7 +187,7 @@ def test_no_decay_groups_cover_every_parameter_once():
 
 
 def test_set_lr_writes_every_group():
-    optimizer = build_sgd(
+    optimizer = build_optimizer(
         create_model("resnet8"), lr=0.1, momentum=0.9, weight_decay=0, decay_norm_and_bias=False
     )
     set_lr(optimizer, 0.02)

@@ -23,7 +23,7 @@ from pipelines.recipes import RECIPES, build_recipe
 from pipelines.train import build_parser, config_from_args
 from resnet_core.checkpoint import CheckpointError, save_checkpoint, training_state
 from resnet_core.models import create_model
-from resnet_core.optim import build_sgd
+from resnet_core.optim import build_optimizer
 
 
 def _validate(config: JobConfig) -> None:
@@ -148,9 +148,9 @@ def test_bad_overrides_give_one_line_naming_the_value(override, message):
         (["train.checkpoint_every_steps=0"], "train.checkpoint_every_steps=0 must be >= 1"),
         (["train.keep_checkpoints=0"], "train.keep_checkpoints=0 must be >= 1"),
         (["train.precision=bf16"], "train.precision=bf16 needs scale.use_gpu=true"),
-        (["train.precision=fp16"], "train.precision='fp16'"),
+        (["train.precision=fp8"], "train.precision='fp8'"),
         (["data.augment=autoaugment"], "data.augment='autoaugment'"),
-        (["data.eval_resize=30"], "data.eval_resize=30 must be >= data.image_size"),
+        (["data.eval_resize=30"], "data.eval_resize=30 must be >= the evaluation crop (32"),
         (["schedule.kind=linear"], "schedule.kind='linear'"),
         (["schedule.hold_lr=0.01"], "schedule.hold_lr and schedule.hold_until_train_error"),
         (["model.shortcut=D"], "model.shortcut='D'"),
@@ -223,7 +223,7 @@ def _model_and_optimizer(fill: float) -> tuple[torch.nn.Module, torch.optim.Opti
     model = create_model("resnet8")
     with torch.no_grad():
         model.fc.weight.fill_(fill)
-    return model, build_sgd(model, lr=0.1, momentum=0.9, weight_decay=1e-4)
+    return model, build_optimizer(model, lr=0.1, momentum=0.9, weight_decay=1e-4)
 
 
 def _write_run(folder, steps: list[int]) -> dict[int, str]:

@@ -250,7 +250,7 @@ def consume_epochs(loop_config: dict[str, Any]) -> None:
     device = ray.train.torch.get_device()
     manifest = read_manifest(config.data.uri)
     normalize = Normalize(*normalization(config, manifest)).to(device)
-    options = decode_options(config, mode=config.data.augment, device=device)
+    options = decode_options(config, manifest, mode=config.data.augment, device=device)
     epochs = []
     for epoch in range(config.train.epochs):
         started = time.perf_counter()

@@ -99,7 +99,10 @@ def load_from(fs: Any, path: str) -> dict[str, Any]:
 
 
 def restore_latest(
-    checkpoint: Any, model: nn.Module, optimizer: torch.optim.Optimizer
+    checkpoint: Any,
+    model: nn.Module,
+    optimizer: torch.optim.Optimizer,
+    scaler: torch.amp.GradScaler | None = None,
 ) -> dict[str, Any] | None:
     """Load Ray's latest checkpoint, or the newest earlier one that is intact (with a warning).
 
@@ -118,4 +121,4 @@ def restore_latest(
     )
     candidates = [latest] + [name for name in earlier if name != latest]
     _, state = load_newest_intact(checkpoint.filesystem, parent, candidates)
-    return restore_training_state(state, model, optimizer)
+    return restore_training_state(state, model, optimizer, scaler=scaler)

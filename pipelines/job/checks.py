@@ -16,6 +16,7 @@ from pipelines.config import RESUME_MAY_CHANGE, ConfigError, JobConfig, flatten
 from pipelines.job.parts import StepPlan, model_options, plan_steps
 from pipelines.manifest import Manifest, ManifestError, read_manifest, verify_shards
 from resnet_core.models import create_model
+from resnet_core.pretrained import InitWeightsError, apply_init, load_init_weights
 
 DEMO_DATA = "data/synthetic-cifar"
 # The demo's synthetic dataset (created on first use): sized so that `make demo` trains to far
@@ -69,7 +70,20 @@ def check_dataset(config: JobConfig, *, verify_data: bool = False) -> tuple[Mani
         plan = plan_steps(config, manifest)
     except ValueError as e:
         raise ConfigError(f"train.global_batch={config.train.global_batch}: {e}") from None
+    if config.model.init:
+        check_init(config, manifest)
     return manifest, plan
+
+
+def check_init(config: JobConfig, manifest: Manifest) -> None:
+    """The initial weights load, here, into the model for this dataset's classes (a torchvision
+    name downloads into the cache now, once, rather than in every worker)."""
+    m = config.model
+    model = create_model(m.name, num_classes=manifest.num_classes, **model_options(config))
+    try:
+        apply_init(model, load_init_weights(m.init), reset_head=m.reset_head)
+    except InitWeightsError as e:
+        raise ConfigError(f"model.init: {e}") from None
 
 
 def check_store() -> str:

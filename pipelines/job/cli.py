@@ -7,10 +7,12 @@ from __future__ import annotations
 import argparse
 from collections.abc import Sequence
 from dataclasses import replace
+from pathlib import Path
 
 from pipelines import storage
 from pipelines.config import JobConfig, apply_overrides
 from pipelines.recipes import RECIPES, build_recipe
+from resnet_core.pretrained import TORCHVISION
 
 # Flag (argparse dest) -> the config key it sets.
 FLAG_KEYS = {
@@ -20,6 +22,7 @@ FLAG_KEYS = {
     "epochs": "train.epochs",
     "storage": "run.storage_path",
     "experiment": "run.experiment",
+    "init": "model.init",
 }
 
 
@@ -33,6 +36,16 @@ def add_job_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--epochs", type=int, help="train.epochs")
     parser.add_argument("--storage", help="checkpoint storage: a path or s3://bucket/prefix")
     parser.add_argument("--experiment", help="MLflow experiment name")
+    parser.add_argument(
+        "--init",
+        help="initial weights (fine-tuning): a .safetensors/.pt state dict, or torchvision:"
+        "<weights>, e.g. torchvision:ResNet50_Weights.IMAGENET1K_V2 (model.init)",
+    )
+    parser.add_argument(
+        "--reset-head",
+        action="store_true",
+        help="with --init: a new classifier for this dataset's classes (model.reset_head)",
+    )
     parser.add_argument("--address", help="Ray cluster address (default: RAY_ADDRESS or local)")
     parser.add_argument(
         "--verify-data",
@@ -54,6 +67,8 @@ def flag_overrides(args: argparse.Namespace, **more_flags: str) -> list[str]:
     ]
     if args.gpu:
         given.append("scale.use_gpu=true")
+    if args.reset_head:
+        given.append("model.reset_head=true")
     return [*given, *args.overrides]
 
 
@@ -64,4 +79,7 @@ def resolve_config(recipe: str, model: str | None, overrides: Sequence[str]) -> 
     config = apply_overrides(build_recipe(recipe, model), list(overrides))
     data = replace(config.data, uri=storage.absolute_uri(config.data.uri))
     run = replace(config.run, storage_path=storage.absolute_uri(config.run.storage_path))
-    return replace(config, data=data, run=run)
+    model = config.model
+    if model.init and not model.init.startswith(TORCHVISION):
+        model = replace(model, init=str(Path(model.init).expanduser().resolve()))
+    return replace(config, model=model, data=data, run=run)

@@ -5,7 +5,8 @@ run's config) and ``classes.json`` — what ``resnet-eval runs:/<id>`` reads. Th
 ``model`` (registered as ``run.registered_model`` or ``resnet-ray-<model>``) is
 :mod:`pipelines.served_model`: uint8 images in, logits out, input normalisation included, no
 pickle, loadable on CPU and CUDA. It is loaded back and checked against the net before the run
-counts as done.
+counts as done. ``final/model.onnx`` is the same model as ONNX (uint8 NHWC in, logits out), checked
+with onnxruntime; tags ``onnx.opset`` and ``onnx.max_logit_difference`` record how.
 """
 
 from __future__ import annotations
@@ -21,14 +22,17 @@ from torch import nn
 
 from pipelines import tracking
 from pipelines.config import JobConfig, to_dict
+from pipelines.job.ema import result_weights
 from pipelines.job.parts import model_options, normalization
 from pipelines.manifest import Manifest
 from resnet_core.checkpoint import load_checkpoint, save_weights
+from resnet_core.export import OPSET, export_onnx
 from resnet_core.models import create_model
 from resnet_core.transforms import Normalize
 
 FINAL_ARTIFACTS = "final"
 WEIGHTS_FILE, CONFIG_FILE, CLASSES_FILE = "weights.safetensors", "config.json", "classes.json"
+ONNX_FILE = "model.onnx"
 SERVED_MODEL_CODE = Path(__file__).resolve().parents[1] / "served_model.py"
 RESNET_CORE = Path(__file__).resolve().parents[2] / "resnet_core"
 # How close the served model's logits must be to the net's: the same float32 ops on the CPU;
@@ -40,11 +44,12 @@ def log_final_model(
     uri: str, run_id: str, config: JobConfig, manifest: Manifest, checkpoint: Any
 ) -> str:
     """Log the ``final/`` files and the served model of ``checkpoint`` (a Ray Train checkpoint
-    of this run) to MLflow run ``run_id``, register it, and tag the run with the model's URI
+    of this run; its EMA weights when the run keeps an EMA) to MLflow run ``run_id``, register it, and tag the run with the model's URI
     (``tracking.FINAL_MODEL_TAG``), which it returns."""
     with tempfile.TemporaryDirectory(prefix="resnet-final-") as tmp:
         checkpoint.to_directory(tmp)
-        weights = load_checkpoint(tmp)["model"]
+        state = load_checkpoint(tmp)
+    weights = result_weights(config, state)
     net = create_model(config.model.name, num_classes=manifest.num_classes, **model_options(config))
     net.load_state_dict(weights)
     mean, std = normalization(config, manifest)
@@ -53,10 +58,34 @@ def log_final_model(
         files = write_final_files(Path(tmp), config, manifest, net, mean, std)
         _log_files(uri, run_id, files)
         model_uri = _log_served_model(uri, run_id, config, files, served)
+        onnx_tags = _log_onnx(uri, run_id, config, served, Path(tmp))
     from mlflow.tracking import MlflowClient
 
-    MlflowClient(tracking_uri=uri).set_tag(run_id, tracking.FINAL_MODEL_TAG, model_uri)
+    tags = {tracking.FINAL_MODEL_TAG: model_uri, **onnx_tags}
+    client = MlflowClient(tracking_uri=uri)
+    for key, value in tags.items():
+        client.set_tag(run_id, key, value)
     return model_uri
+
+
+def _log_onnx(
+    uri: str, run_id: str, config: JobConfig, served: nn.Module, folder: Path
+) -> dict[str, str]:
+    """``final/model.onnx``, checked with onnxruntime on random images; its tags. A model the
+    exporter cannot handle is reported (a line, the ``onnx.error`` tag), not a failed run."""
+    from mlflow.tracking import MlflowClient
+
+    size = config.data.eval_crop
+    example = np.random.default_rng(0).integers(0, 256, (2, size, size, 3), dtype=np.uint8)
+    path = folder / ONNX_FILE
+    try:
+        difference = export_onnx(served, example, path)
+    except Exception as e:  # the exporter's and onnxruntime's errors have no common base
+        line = " ".join(str(e).split())[:300]
+        print(f"resnet-train: warning: no ONNX model: {type(e).__name__}: {line}", flush=True)
+        return {"onnx.error": f"{type(e).__name__}: {line}"}
+    MlflowClient(tracking_uri=uri).log_artifact(run_id, str(path), artifact_path=FINAL_ARTIFACTS)
+    return {"onnx.opset": str(OPSET), "onnx.max_logit_difference": f"{difference:.3g}"}
 
 
 def write_final_files(
@@ -101,7 +130,7 @@ def _log_served_model(
     from mlflow.models import ModelSignature
     from mlflow.types import Schema, TensorSpec
 
-    size = config.data.image_size
+    size = config.data.eval_crop
     example = np.zeros((1, size, size, 3), dtype=np.uint8)
     with torch.no_grad():
         expected = served(torch.from_numpy(example)).numpy()

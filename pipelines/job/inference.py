@@ -30,6 +30,7 @@ from torch import Tensor, nn
 from pipelines import storage, tracking
 from pipelines.config import JobConfig, from_dict
 from pipelines.job.checkpoints import checkpoint_step, load_from, load_newest_intact, newest_first
+from pipelines.job.ema import result_weights
 from pipelines.job.final_model import CLASSES_FILE, CONFIG_FILE, FINAL_ARTIFACTS, WEIGHTS_FILE
 from pipelines.job.parts import model_options, normalization
 from pipelines.manifest import Manifest
@@ -255,7 +256,7 @@ def _read_checkpoint(state: dict[str, Any], origin: str) -> TrainedModel:
             "resnet-train"
         )
     config = from_dict(JobConfig, state["config"])
-    return TrainedModel(config, state["model"], None, None, None, None, origin)
+    return TrainedModel(config, result_weights(config, state), None, None, None, None, origin)
 
 
 def _read_final_folder(folder: Path, origin: str) -> TrainedModel:

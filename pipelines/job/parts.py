@@ -18,9 +18,10 @@ from pipelines import data as data_lib
 from pipelines.config import JobConfig
 from pipelines.manifest import Manifest, load_mean_image
 from resnet_core.models import create_model
-from resnet_core.optim import LRSchedule, build_sgd, scaled_lr
-from resnet_core.step import TrainStep, autocast_dtype
-from resnet_core.transforms import IMAGENET_MEAN_RGB, IMAGENET_STD_RGB, Normalize
+from resnet_core.optim import LRSchedule, build_optimizer, scaled_lr
+from resnet_core.pretrained import HEAD_MODULE, apply_init, load_init_weights
+from resnet_core.step import BatchTransform, TrainStep, autocast_dtype
+from resnet_core.transforms import IMAGENET_MEAN_RGB, IMAGENET_STD_RGB, ImageAugment, Normalize
 
 
 def model_options(config: JobConfig) -> dict[str, Any]:
@@ -64,16 +65,39 @@ def plan_steps(config: JobConfig, manifest: Manifest) -> StepPlan:
 
 
 def make_optimizer(model: nn.Module, config: JobConfig) -> torch.optim.Optimizer:
-    """The job's SGD at its (linearly scaled) base learning rate; the schedule sets it per step."""
+    """The job's optimizer at its (linearly scaled) base learning rate; the schedule sets it
+    per step."""
     o, t = config.optim, config.train
-    return build_sgd(
+    return build_optimizer(
         model,
+        o.name,
         lr=scaled_lr(o.lr, t.global_batch, o.reference_batch),
         momentum=o.momentum,
         weight_decay=o.weight_decay,
         nesterov=o.nesterov,
+        betas=(o.betas[0], o.betas[1]),
+        eps=o.eps,
         decay_norm_and_bias=o.decay_norm_and_bias,
+        head=HEAD_MODULE if t.freeze_backbone_epochs else None,
     )
+
+
+def batch_transforms(config: JobConfig, num_classes: int) -> list[BatchTransform]:
+    """MixUp and/or CutMix (torchvision.transforms.v2) on the normalised batch, as
+    torchvision's reference scripts apply them; none when both alphas are 0."""
+    from torchvision.transforms import v2
+
+    d = config.data
+    mixes, p = [], []
+    if d.mixup_alpha > 0:
+        mixes.append(v2.MixUp(alpha=d.mixup_alpha, num_classes=num_classes))
+        p.append(1 - d.mix_switch_prob)
+    if d.cutmix_alpha > 0:
+        mixes.append(v2.CutMix(alpha=d.cutmix_alpha, num_classes=num_classes))
+        p.append(d.mix_switch_prob)
+    if len(mixes) == 2:
+        return [v2.RandomChoice(mixes, p=p)]
+    return mixes
 
 
 def make_schedule(config: JobConfig, plan: StepPlan) -> LRSchedule:
@@ -113,21 +137,40 @@ def normalization(config: JobConfig, manifest: Manifest) -> tuple[Tensor, Tensor
     return mean, std
 
 
-def decode_options(config: JobConfig, *, mode: str, device: torch.device) -> data_lib.DecodeOptions:
-    """The reader's options for ``mode`` (training: ``data.augment``; validation:
-    ``eval_center``) on a worker whose device is ``device``."""
+def decode_options(
+    config: JobConfig, manifest: Manifest, *, mode: str, device: torch.device
+) -> data_lib.DecodeOptions:
+    """The reader's options for ``mode`` (training: ``data.augment`` at ``data.image_size``;
+    validation: ``eval_center`` at ``data.eval_crop``) on a worker whose device is ``device``."""
     d, on_gpu = config.data, device.type == "cuda"
+    train = mode in data_lib.TRAIN_MODES
     return data_lib.DecodeOptions(
         mode=mode,
-        image_size=d.image_size,
+        image_size=d.image_size if train else d.eval_crop,
         eval_resize=d.eval_resize,
         num_cpus=d.decode_cpus,
         concurrency=d.decode_concurrency,
         device=device if d.decode_device == "device" else None,
         prefer_nodes=(tuple(d.decode_nodes.split("=", 1)),) if d.decode_nodes else (),
         prefetch_batches=d.prefetch_batches,
-        shuffle_buffer=(d.shuffle_buffer or None) if mode in data_lib.TRAIN_MODES else None,
+        shuffle_buffer=(d.shuffle_buffer or None) if train else None,
         pin_memory=on_gpu,
+        augment=image_augment(config, manifest) if train else ImageAugment(),
+    )
+
+
+def image_augment(config: JobConfig, manifest: Manifest) -> ImageAugment:
+    """The per-image policies of ``config.data``; erased boxes take the input mean's colour
+    (torchvision erases normalised images with 0)."""
+    d = config.data
+    mean, _ = normalization(config, manifest)
+    rgb = mean.reshape(3, -1).mean(dim=1)  # per-pixel mean image: its channel means
+    return ImageAugment(
+        policy=d.auto_augment,
+        magnitude=d.ra_magnitude,
+        severity=d.augmix_severity,
+        erase_p=d.random_erase,
+        erase_value=tuple(round(255 * float(v)) for v in rgb),
     )
 
 
@@ -146,6 +189,11 @@ class Training:
     def normalize(self) -> Normalize:
         return self.step.normalize
 
+    @property
+    def scaler(self) -> torch.amp.GradScaler | None:
+        """The fp16 gradient scaler (its state goes into checkpoints); None in other precisions."""
+        return self.step.scaler if self.step.scaler.is_enabled() else None
+
 
 def build_training(
     config: JobConfig,
@@ -162,6 +210,8 @@ def build_training(
     model = create_model(
         config.model.name, num_classes=manifest.num_classes, **model_options(config)
     )
+    if config.model.init:
+        apply_init(model, load_init_weights(config.model.init), reset_head=config.model.reset_head)
     if t.sync_bn and distribute is not None:
         model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
     channels_last = device.type == "cuda" and t.channels_last
@@ -177,7 +227,14 @@ def build_training(
     ).to(device)
     criterion = nn.CrossEntropyLoss(label_smoothing=o.label_smoothing)
     step = TrainStep(
-        model, optimizer, criterion, normalize, dtype=autocast_dtype(t.precision, device)
+        model,
+        optimizer,
+        criterion,
+        normalize,
+        dtype=autocast_dtype(t.precision, device),
+        batch_transforms=batch_transforms(config, manifest.num_classes),
+        accumulate=t.accumulate_steps,
+        clip_grad_norm=t.clip_grad_norm,
     )
     plan = plan_steps(config, manifest)
     return Training(model, optimizer, make_schedule(config, plan), step, plan)

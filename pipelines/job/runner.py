@@ -37,6 +37,9 @@ from pipelines import data as data_lib
 from pipelines.config import JobConfig, from_dict, to_dict
 from pipelines.job.checkpoints import CHECKPOINT_SCORE, checkpoint_name, restore_latest
 from pipelines.job.elastic import EPOCH_ROWS_KEY, EpochRows
+from pipelines.job.ema import EmaExtension
+from pipelines.job.extension import Extension
+from pipelines.job.freeze import FreezeBackbone
 from pipelines.job.parts import Training, build_training, decode_options
 from pipelines.job.session import quiet_ray_logs
 from pipelines.manifest import read_manifest
@@ -46,35 +49,6 @@ from resnet_core.optim import LRSchedule, set_lr
 from resnet_core.step import StepResult
 
 EPOCH_METRICS_KEY = "epoch_metrics"  # the running epoch metrics in mid-epoch checkpoints
-
-
-class Extension:
-    """A feature of the training loop, called by the runner at named points; override what it
-    needs. ``key``: where its state lives in checkpoints (None: it has none). Instances travel
-    to the workers with the loop's config (they must pickle), so heavy state is built in
-    :meth:`setup`, on the worker."""
-
-    key: str | None = None
-
-    def setup(self, runner: TrainLoopRunner) -> None:
-        """Once, after the model and optimizer exist and before the checkpoint is restored."""
-
-    def before_step(self, runner: TrainLoopRunner) -> None:
-        """Before each training step (``runner.step`` steps done so far)."""
-
-    def after_step(self, runner: TrainLoopRunner, result: StepResult) -> None:
-        """After each optimizer step, with the step's loss, logits and labels (on the device)."""
-
-    def on_report(self, runner: TrainLoopRunner, metrics: dict[str, Any]) -> None:
-        """Before every report, on every rank, with the metrics reduced over ranks; may add
-        metrics. Epoch-end reports carry the epoch's training and (when due) validation
-        metrics."""
-
-    def state_dict(self) -> dict[str, Any]:
-        return {}
-
-    def load_state_dict(self, state: dict[str, Any]) -> None:
-        """Restore what :meth:`state_dict` returned (the runner has restored the model)."""
 
 
 class ScheduleExtension(Extension):
@@ -126,7 +100,10 @@ class TrainLoopRunner:
             config, self.manifest, self.device, distribute=ray.train.torch.prepare_model
         )
         self.plan = self.training.plan
-        self.extensions = [ScheduleExtension(self.training.schedule), *extensions]
+        t, schedule = config.train, ScheduleExtension(self.training.schedule)
+        freeze = [FreezeBackbone()] if t.freeze_backbone_epochs else []  # before the schedule
+        ema = [EmaExtension()] if t.ema else []
+        self.extensions = [*freeze, schedule, *ema, *extensions]
         self.epoch = self.step = self.batches_done = 0
         self.epoch_metrics = EpochMetrics(self.device)
         self.rows = self.new_epoch_rows()
@@ -148,7 +125,7 @@ class TrainLoopRunner:
         import ray.train
 
         t = self.training
-        restored = restore_latest(ray.train.get_checkpoint(), t.model, t.optimizer)
+        restored = restore_latest(ray.train.get_checkpoint(), t.model, t.optimizer, t.scaler)
         if restored is None:
             return
         self.epoch, self.step = restored["epoch"], restored["step"]
@@ -204,7 +181,7 @@ class TrainLoopRunner:
         """This rank's batches of the epoch after those done: its own plan replayed, or, when
         the epoch is resumed on another number of workers, its share of the untrained rows."""
         c = self.config
-        options = decode_options(c, mode=c.data.augment, device=self.device)
+        options = decode_options(c, self.manifest, mode=c.data.augment, device=self.device)
         where = {"split": c.data.train_split, "world_size": self.world, "rank": self.rank}
         where |= {"epoch": self.epoch, "seed": c.data.seed}
         if self.batches_done == 0 or self.rows.replays(self.world):
@@ -305,6 +282,7 @@ class TrainLoopRunner:
         return training_state(
             self.training.model,
             self.training.optimizer,
+            scaler=self.training.scaler,
             epoch=epoch,
             step=self.step,
             batches_in_epoch=batches,
@@ -340,7 +318,7 @@ class TrainLoopRunner:
         criterion = nn.CrossEntropyLoss()
         batches = data_lib.iter_batches(
             self.manifest,
-            decode_options(self.config, mode="eval_center", device=self.device),
+            decode_options(self.config, self.manifest, mode="eval_center", device=self.device),
             split=d.val_split,
             world_size=self.world,
             rank=self.rank,
