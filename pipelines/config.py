@@ -230,6 +230,7 @@ class ScheduleConfig:
     milestone_epochs: tuple[int, ...] = ()  # the same in epochs (converted with steps/epoch)
     gamma: float = 0.1
     warmup_epochs: float = 0.0
+    warmup_start_factor: float = 0.1  # the warm-up starts at this fraction of the rate
     hold_lr: float | None = None  # §4.2 ResNet-110: 0.01 until training error < 80%
     hold_until_train_error: float | None = None
     plateau_patience: int = 5
@@ -238,6 +239,10 @@ class ScheduleConfig:
         _require(self.gamma > 0, f"schedule.gamma={self.gamma} must be positive")
         _require(
             self.warmup_epochs >= 0, f"schedule.warmup_epochs={self.warmup_epochs} must be >= 0"
+        )
+        _require(
+            0 < self.warmup_start_factor <= 1,
+            f"schedule.warmup_start_factor={self.warmup_start_factor} must be in (0, 1]",
         )
         _require(
             self.plateau_patience >= 1,

@@ -37,6 +37,7 @@ def export_onnx(model: nn.Module, example: np.ndarray, path: str | Path) -> floa
             input_names=[INPUT],
             output_names=[OUTPUT],
             dynamic_shapes=({0: torch.export.Dim("batch")},),
+            external_data=False,  # one self-contained file (ResNet-152: 240 MB, under 2 GB)
             verbose=False,
         )
     got = OnnxModel(path)(x).numpy()
@@ -62,6 +63,7 @@ class OnnxModel(nn.Module):
         self.session = onnxruntime.InferenceSession(
             str(path), options, providers=["CPUExecutionProvider"]
         )
+        self.eval()  # the export is an inference graph (BatchNorm with running statistics)
 
     def forward(self, images: Tensor) -> Tensor:
         if images.shape[1] == 3 and images.shape[-1] != 3:  # NCHW, as Normalize also takes

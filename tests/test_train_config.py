@@ -293,6 +293,7 @@ def test_schedule_from_the_config_converts_epochs_to_steps_and_scales_the_rate()
             "schedule.milestones=(500,)",
             "schedule.milestone_epochs=(2,)",
             "schedule.warmup_epochs=0.5",
+            "schedule.warmup_start_factor=0.01",
             "train.global_batch=512",
         ],
     )
@@ -300,6 +301,7 @@ def test_schedule_from_the_config_converts_epochs_to_steps_and_scales_the_rate()
     assert schedule.base_lr == pytest.approx(0.2)  # 0.1 per 256 images, batch 512
     assert schedule.milestones == (200, 500)  # epoch 2 at 100 steps per epoch, sorted
     assert schedule.warmup_steps == 50
+    assert schedule.lr(0) == pytest.approx(0.2 * 0.01)  # the warm-up's start
     assert schedule.total_steps == 1000
 
 

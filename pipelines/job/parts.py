@@ -111,6 +111,7 @@ def make_schedule(config: JobConfig, plan: StepPlan) -> LRSchedule:
         milestones=tuple(sorted(milestones)),
         gamma=s.gamma,
         warmup_steps=round(s.warmup_epochs * per_epoch),
+        warmup_start_factor=s.warmup_start_factor,
         hold_lr=s.hold_lr,
         hold_until_train_error=s.hold_until_train_error,
         plateau_patience=s.plateau_patience,
