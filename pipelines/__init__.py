@@ -7,7 +7,8 @@ torch-internal noise dropped from the console (they stay in Ray's log files): th
 placement-group cleaner's "Failed to query Ray Train Controller actor state" (every second while
 the state API is unreachable), core_worker's error about Train's own PreemptionWatcher actor
 (ray-project/ray#53727), and c10d's "hostname of the client socket cannot be retrieved" on hosts
-without reverse DNS. A value the user set wins.
+without reverse DNS. MLflow's artifact progress bars (drawn whenever tqdm is installed) would
+fill stderr, which our commands keep to one line per error. A value the user set wins.
 """
 
 import os
@@ -21,3 +22,4 @@ _CONSOLE_NOISE = "|".join(
 )
 os.environ.setdefault("RAY_DEDUP_LOGS_SKIP_REGEX", _CONSOLE_NOISE)
 os.environ.setdefault("RAY_DISABLE_WORKER_LOG_PREFIX", "1")
+os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")

@@ -94,6 +94,13 @@ class DataConfig:
     eval_resize: int = 36  # evaluation: shorter side resized to this, then the centre crop
     # The evaluation crop side (FixRes: train at 176, evaluate at 224); None: image_size.
     eval_image_size: int | None = None
+    # Progressive resizing (FFCV's ResNet-50 configs): training crops grow linearly from
+    # min_image_size at epoch ramp_start_epoch to image_size at ramp_end_epoch (epochs counted
+    # from 0), in steps of size_step pixels; None: image_size throughout.
+    min_image_size: int | None = None
+    ramp_start_epoch: int = 0
+    ramp_end_epoch: int = 0
+    size_step: int = 32
     mean: MeanMode = "per_pixel"
     normalize_std: bool = False  # divide by the per-channel std (modern recipes); paper: no
     lighting_std: float = 0.0  # AlexNet PCA colour augmentation σ (paper §3.4 uses 0.1)
@@ -118,6 +125,35 @@ class DataConfig:
     augmix_severity: int = 3
     random_erase: float = 0.0  # probability per image
 
+    def _check_ramp(self) -> None:
+        _require(
+            32 <= self.min_image_size <= self.image_size,
+            f"data.min_image_size={self.min_image_size} must be in [32, data.image_size="
+            f"{self.image_size}]",
+        )
+        _require(
+            0 <= self.ramp_start_epoch < self.ramp_end_epoch,
+            f"data.ramp_start_epoch={self.ramp_start_epoch} must be >= 0 and before "
+            f"data.ramp_end_epoch={self.ramp_end_epoch}",
+        )
+        _require(self.size_step >= 1, f"data.size_step={self.size_step} must be >= 1")
+        _require(
+            self.augment in ("paper", "inception"),
+            f"data.min_image_size resizes crops; data.augment={self.augment!r} reads images "
+            "whole: use paper or inception",
+        )
+
+    def train_size(self, epoch: int) -> int:
+        """The training crop side in ``epoch`` (0-based): image_size, or on the ramp of
+        progressive resizing (rounded down to size_step, as FFCV rounds)."""
+        if self.min_image_size is None or epoch >= self.ramp_end_epoch:
+            return self.image_size
+        if epoch <= self.ramp_start_epoch:
+            return self.min_image_size
+        share = (epoch - self.ramp_start_epoch) / (self.ramp_end_epoch - self.ramp_start_epoch)
+        size = self.min_image_size + share * (self.image_size - self.min_image_size)
+        return max(self.min_image_size, int(size) // self.size_step * self.size_step)
+
     @property
     def eval_crop(self) -> int:
         """The side of evaluation crops (validation, resnet-eval, the served model's example)."""
@@ -130,6 +166,8 @@ class DataConfig:
             f"data.eval_image_size={self.eval_image_size} must be at least 32, or none for "
             "data.image_size",
         )
+        if self.min_image_size is not None:
+            self._check_ramp()
         _require(
             self.eval_resize >= self.eval_crop,
             f"data.eval_resize={self.eval_resize} must be >= the evaluation crop "

@@ -369,3 +369,52 @@ def test_a_run_resumes_mid_epoch_on_fewer_and_more_workers_training_each_row_onc
     assert run.data.tags["cluster.workers"] == "1"  # the last
     samples = client.get_metric_history(run.info.run_id, "train/epoch_samples")
     assert sorted((m.step, m.value) for m in samples) == [(8, 96), (16, 96)]
+
+
+# ---------------------------------------------------------------------------------------------
+# Progressive resizing: the crop size of each epoch reaches the loop
+# ---------------------------------------------------------------------------------------------
+
+
+class CropSizes(Extension):
+    """Writes ``<epoch> <crop side>`` for every step trained."""
+
+    def __init__(self, out: str) -> None:
+        self.out = out
+
+    def before_step(self, runner: TrainLoopRunner) -> None:
+        with Path(self.out).open("a") as f:
+            f.write(f"{runner.epoch} {runner.batch.images.shape[1]}\n")
+
+
+def test_progressive_resizing_trains_each_epoch_at_its_crop_size(ray_local, mlflow_uri, tmp_path):
+    """ImageNet-like images, Inception crops growing from 32 px (epoch 1) to 64 px (epoch 2);
+    validation stays at 64."""
+    out = tmp_path / "photos"
+    spec = SyntheticSpec(CLASSES, 8, 2, "imagenet")
+    assert shards.write_dataset(shards.prepare_config("synthetic", str(out), synthetic=spec)) == 0
+    base = _config(str(out), tmp_path / "runs", global_batch=8, checkpoint_every_steps=None)
+    config = dataclasses.replace(
+        base,
+        model=dataclasses.replace(base.model, name="resnet18"),
+        data=dataclasses.replace(
+            base.data,
+            augment="inception",
+            mean="per_channel",
+            image_size=64,
+            eval_resize=72,
+            min_image_size=32,
+            ramp_end_epoch=1,
+        ),
+        run=dataclasses.replace(base.run, name="progressive"),
+    )
+    validate(config)
+    manifest, plan = check_dataset(config)
+    sizes = tmp_path / "sizes.txt"
+    metrics = run_training(config, manifest, plan, [CropSizes(str(sizes))])
+    assert sorted(set(sizes.read_text().splitlines())) == ["0 32", "1 64"]
+    client = MlflowClient(tracking_uri=mlflow_uri)
+    logged = client.get_metric_history(metrics["mlflow_run_id"], "train/image_size")
+    assert sorted({(m.step, m.value) for m in logged})[-1] == (8, 64)
+    assert sorted({m.value for m in logged}) == [32, 64]
+    assert metrics["val/count"] == CLASSES * 2

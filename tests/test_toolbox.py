@@ -250,6 +250,12 @@ def test_ema_decay_follows_torchvisions_adjustment():
             "data.auto_augment and data.random_erase run in the decode tasks",
         ),
         (["data.eval_image_size=40"], "data.eval_resize=32 must be >= the evaluation crop (40"),
+        (["data.min_image_size=48"], "data.min_image_size=48 must be in [32, data.image_size=32]"),
+        (
+            ["data.min_image_size=32", "data.ramp_end_epoch=2"],
+            "data.min_image_size resizes crops; data.augment='cifar' reads images whole",
+        ),
+        (["data.min_image_size=32"], "data.ramp_start_epoch=0 must be >= 0 and before"),
         (["optim.name=adamw", "optim.nesterov=true"], "optim.nesterov=true applies to sgd"),
     ],
 )
@@ -290,3 +296,23 @@ def test_the_onnx_export_gives_pytorchs_logits_for_any_batch_and_layout(tmp_path
 def _net32() -> nn.Module:
     torch.manual_seed(0)
     return create_model("resnet8", num_classes=CLASSES)
+
+
+def test_progressive_resizing_ramps_crop_sizes_as_ffcv_does():
+    # FFCV's ResNet-50 (16 epochs): 160 px until epoch 11, 192 from epoch 13, steps of 32.
+    config = _config(
+        "data.augment=inception", "data.image_size=192", "data.eval_resize=224",
+        "data.min_image_size=160", "data.ramp_start_epoch=11", "data.ramp_end_epoch=13",
+        "data.mean=per_channel",
+    )  # fmt: skip
+    validate(config)
+    sizes = [config.data.train_size(epoch) for epoch in range(16)]
+    assert sizes == [160] * 12 + [160, 192, 192, 192]  # 176 at epoch 12 rounds down to 160
+    finer = dataclasses.replace(config, data=dataclasses.replace(config.data, size_step=16))
+    assert [finer.data.train_size(e) for e in (11, 12, 13)] == [160, 176, 192]
+    manifest = SimpleNamespace(pixel_mean_rgb=(0.5, 0.5, 0.5))
+    cpu = torch.device("cpu")
+    assert decode_options(finer, manifest, mode="inception", device=cpu, epoch=12).image_size == 176
+    assert (
+        decode_options(finer, manifest, mode="eval_center", device=cpu, epoch=0).image_size == 192
+    )

@@ -481,7 +481,13 @@ def test_demo_recipe_learns_on_a_local_ray(tmp_path, learn_data):
     assert tuple(info.signature.outputs.to_dict()[0]["tensor-spec"]["shape"]) == (-1, CLASSES)
     assert info.saved_input_example_info is not None
     artifacts = {a.path for a in client.list_artifacts(run.info.run_id, "final")}
-    assert artifacts == {"final/weights.safetensors", "final/config.json", "final/classes.json"}
+    assert artifacts == {
+        "final/weights.safetensors",
+        "final/config.json",
+        "final/classes.json",
+        "final/model.onnx",
+    }
+    assert run.data.tags["onnx.opset"] == "18"
 
 
 @pytest.fixture(scope="module")

@@ -139,15 +139,16 @@ def normalization(config: JobConfig, manifest: Manifest) -> tuple[Tensor, Tensor
 
 
 def decode_options(
-    config: JobConfig, manifest: Manifest, *, mode: str, device: torch.device
+    config: JobConfig, manifest: Manifest, *, mode: str, device: torch.device, epoch: int = 0
 ) -> data_lib.DecodeOptions:
-    """The reader's options for ``mode`` (training: ``data.augment`` at ``data.image_size``;
-    validation: ``eval_center`` at ``data.eval_crop``) on a worker whose device is ``device``."""
+    """The reader's options for ``mode`` (training: ``data.augment`` at ``epoch``'s crop size,
+    see ``DataConfig.train_size``; validation: ``eval_center`` at ``data.eval_crop``) on a worker
+    whose device is ``device``."""
     d, on_gpu = config.data, device.type == "cuda"
     train = mode in data_lib.TRAIN_MODES
     return data_lib.DecodeOptions(
         mode=mode,
-        image_size=d.image_size if train else d.eval_crop,
+        image_size=d.train_size(epoch) if train else d.eval_crop,
         eval_resize=d.eval_resize,
         num_cpus=d.decode_cpus,
         concurrency=d.decode_concurrency,

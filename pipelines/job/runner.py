@@ -181,7 +181,9 @@ class TrainLoopRunner:
         """This rank's batches of the epoch after those done: its own plan replayed, or, when
         the epoch is resumed on another number of workers, its share of the untrained rows."""
         c = self.config
-        options = decode_options(c, self.manifest, mode=c.data.augment, device=self.device)
+        options = decode_options(
+            c, self.manifest, mode=c.data.augment, device=self.device, epoch=self.epoch
+        )
         where = {"split": c.data.train_split, "world_size": self.world, "rank": self.rank}
         where |= {"epoch": self.epoch, "seed": c.data.seed}
         if self.batches_done == 0 or self.rows.replays(self.world):
@@ -246,8 +248,11 @@ class TrainLoopRunner:
         self.report(metrics, checkpoint=True, epoch_end=True)
 
     def window_metrics(self) -> dict[str, Any]:
-        """The metrics of the window since the last report (a collective)."""
-        return self.window.reduce(self.step, self.training.optimizer.param_groups[0]["lr"])
+        """The metrics of the window since the last report (a collective), with the crop size
+        trained at (progressive resizing changes it between epochs)."""
+        lr = max(g["lr"] for g in self.training.optimizer.param_groups)  # a frozen group has 0
+        metrics = self.window.reduce(self.step, lr)
+        return {**metrics, "train/image_size": self.config.data.train_size(self.epoch)}
 
     def report(self, metrics: dict[str, Any], *, checkpoint: bool, epoch_end: bool = False) -> None:
         """Every rank reports (a barrier); rank 0 prints, and writes the checkpoint when one is
