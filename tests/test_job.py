@@ -396,7 +396,6 @@ def test_progressive_resizing_trains_each_epoch_at_its_crop_size(ray_local, mlfl
     base = _config(str(out), tmp_path / "runs", global_batch=8, checkpoint_every_steps=None)
     config = dataclasses.replace(
         base,
-        model=dataclasses.replace(base.model, name="resnet18"),
         data=dataclasses.replace(
             base.data,
             augment="inception",
