@@ -124,6 +124,9 @@ class DataConfig:
     ra_magnitude: int = 9
     augmix_severity: int = 3
     random_erase: float = 0.0  # probability per image
+    # Repeated augmentation (torchvision's --ra-sampler --ra-reps): each epoch trains 1/k of
+    # the rows k times, on k different workers, each copy augmented on its own; 1: off.
+    repeated_augment: int = 1
 
     def _check_ramp(self) -> None:
         _require(
@@ -217,6 +220,10 @@ class DataConfig:
         )
         _require(
             0 <= self.random_erase <= 1, f"data.random_erase={self.random_erase} must be in [0, 1]"
+        )
+        _require(
+            self.repeated_augment >= 1,
+            f"data.repeated_augment={self.repeated_augment} must be >= 1 (1: off)",
         )
         _require(
             self.decode_device == "cpu" or (self.auto_augment is None and not self.random_erase),

@@ -80,7 +80,7 @@ import math
 import zlib
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from itertools import pairwise
 from typing import Any, NamedTuple
 
@@ -254,6 +254,7 @@ class ShardRange:
     start: int
     stop: int
     base: int = 0
+    copy: int = 0  # repeated augmentation: which repeat of these rows (its own random draws)
 
     @property
     def num_rows(self) -> int:
@@ -308,42 +309,79 @@ class EpochPlan:
         seed: int,
         batch_size: int,
         max_batches: int | None = None,
+        repeats: int = 1,
     ) -> EpochPlan:
         """Plan from the split's shards as ``(uri, num_rows)`` in manifest order.
 
         ``max_batches`` (training) caps the epoch at that many steps; only their rows are read.
+        ``repeats`` (training; torchvision's repeated augmentation, ``--ra-reps``): the epoch
+        trains ``total_rows // repeats`` distinct rows, each ``repeats`` times, its copies on
+        consecutive ranks (as torchvision's RASampler deals them) with their own augmentation
+        draws (``ShardRange.copy``); the epoch keeps its length in rows.
         """
         _check_plan_args(world_size, rank, epoch, seed, batch_size, max_batches)
-        total = sum(rows for _, rows in shards)
         bases = np.cumsum([0] + [rows for _, rows in shards[:-1]]).tolist()
         shards = [(uri, rows, base) for (uri, rows), base in zip(shards, bases, strict=True)]
         if train:
             order = np.random.default_rng([seed, epoch]).permutation(len(shards)).tolist()
-            steps = (total // world_size) // batch_size
-            if steps == 0:
-                raise ValueError(
-                    f"split {split!r} has {total} rows, fewer than world_size {world_size} x "
-                    f"batch_size {batch_size} = {world_size * batch_size}: lower the batch size "
-                    "or the number of workers"
-                )
-            if max_batches is not None:
-                steps = min(steps, max_batches)
-            per_rank = total // world_size
-            starts = [r * per_rank for r in range(world_size)]
-            rank_rows = tuple(steps * batch_size for _ in range(world_size))
+            laid = [shards[i] for i in order]
+            ranges, rank_rows, steps = _training_ranges(
+                laid, split, world_size, rank, batch_size, max_batches, repeats
+            )
         else:
-            order = list(range(len(shards)))
-            bounds = [r * total // world_size for r in range(world_size + 1)]
-            starts = bounds[:-1]
-            rank_rows = tuple(b - a for a, b in pairwise(bounds))
-            steps = math.ceil(rank_rows[rank] / batch_size)
-            if max_batches is not None:
-                steps = min(steps, max_batches)
-                rank_rows = tuple(min(n, steps * batch_size) for n in rank_rows)
-        ranges = _cut([shards[i] for i in order], starts[rank], starts[rank] + rank_rows[rank])
+            ranges, rank_rows, steps = _evaluation_ranges(
+                shards, world_size, rank, batch_size, max_batches
+            )
         return cls(
             split, train, epoch, seed, rank, world_size, batch_size, ranges, rank_rows, steps
         )
+
+
+def _training_ranges(
+    laid: list[tuple[str, int, int]],
+    split: str,
+    world_size: int,
+    rank: int,
+    batch_size: int,
+    max_batches: int | None,
+    repeats: int,
+) -> tuple[tuple[ShardRange, ...], tuple[int, ...], int]:
+    """A training epoch's ranges of ``rank`` over the permuted shards ``laid`` end to end
+    (see :class:`EpochPlan`): the distinct rows cut into one part per rank; copy ``c`` of part
+    ``p`` goes to rank ``p + c``; every rank reads the first ``steps * batch_size`` rows."""
+    total = sum(rows for _, rows, _ in laid)
+    part = total // repeats // world_size
+    steps = part * repeats // batch_size
+    if steps == 0:
+        repeated = f" x repeats {repeats}" if repeats > 1 else ""
+        raise ValueError(
+            f"split {split!r} has {total} rows, fewer than world_size {world_size} x "
+            f"batch_size {batch_size}{repeated} = {world_size * batch_size * repeats}: lower the "
+            "batch size or the number of workers"
+        )
+    if max_batches is not None:
+        steps = min(steps, max_batches)
+    parts = [(c, (rank - c) % world_size) for c in range(repeats)]
+    ranges = [replace(r, copy=c) for c, p in parts for r in _cut(laid, p * part, (p + 1) * part)]
+    return _first_rows(ranges, steps * batch_size), (steps * batch_size,) * world_size, steps
+
+
+def _evaluation_ranges(
+    shards: list[tuple[str, int, int]],
+    world_size: int,
+    rank: int,
+    batch_size: int,
+    max_batches: int | None,
+) -> tuple[tuple[ShardRange, ...], tuple[int, ...], int]:
+    """An evaluation's ranges of ``rank``: manifest order, sizes differing by at most a row."""
+    total = sum(rows for _, rows, _ in shards)
+    bounds = [r * total // world_size for r in range(world_size + 1)]
+    rank_rows = tuple(b - a for a, b in pairwise(bounds))
+    steps = math.ceil(rank_rows[rank] / batch_size)
+    if max_batches is not None:
+        steps = min(steps, max_batches)
+        rank_rows = tuple(min(n, steps * batch_size) for n in rank_rows)
+    return _cut(shards, bounds[rank], bounds[rank] + rank_rows[rank]), rank_rows, steps
 
 
 def _check_plan_args(
@@ -357,6 +395,17 @@ def _check_plan_args(
         raise ValueError(f"batch_size {batch_size} must be >= 1")
     if max_batches is not None and max_batches < 0:
         raise ValueError(f"max_batches {max_batches} must be >= 0 (or None for the whole epoch)")
+
+
+def _first_rows(ranges: Sequence[ShardRange], rows: int) -> tuple[ShardRange, ...]:
+    """The first ``rows`` rows of ``ranges``."""
+    taken = []
+    for r in ranges:
+        if rows <= 0:
+            break
+        taken.append(replace(r, stop=r.start + min(r.num_rows, rows)))
+        rows -= taken[-1].num_rows
+    return tuple(taken)
 
 
 def _cut(shards: Sequence[tuple[str, int, int]], start: int, stop: int) -> tuple[ShardRange, ...]:
@@ -391,6 +440,7 @@ def plan_epoch(
     seed: int,
     batch_size: int,
     max_batches: int | None = None,
+    repeats: int = 1,
 ) -> EpochPlan:
     """:meth:`EpochPlan.create` for a split of a prepared dataset."""
     return EpochPlan.create(
@@ -403,6 +453,7 @@ def plan_epoch(
         seed=seed,
         batch_size=batch_size,
         max_batches=max_batches,
+        repeats=repeats,
     )
 
 
@@ -481,7 +532,9 @@ def _id_ranges(ids: np.ndarray, shards: Sequence[tuple[str, int]]) -> tuple[Shar
     return tuple(ranges)
 
 
-def steps_per_epoch(manifest: Manifest, split: str, *, world_size: int, batch_size: int) -> int:
+def steps_per_epoch(
+    manifest: Manifest, split: str, *, world_size: int, batch_size: int, repeats: int = 1
+) -> int:
     """Optimizer steps per training epoch (every rank, every epoch): needs only the manifest."""
     return plan_epoch(
         manifest,
@@ -492,6 +545,7 @@ def steps_per_epoch(manifest: Manifest, split: str, *, world_size: int, batch_si
         epoch=0,
         seed=0,
         batch_size=batch_size,
+        repeats=repeats,
     ).steps
 
 
@@ -692,10 +746,11 @@ def _decode_chunk(
     they are, for the worker to replace or drop.
     """
     uri, start, stop = str(chunk["uri"][0]), int(chunk["start"][0]), int(chunk["stop"][0])
+    copy = int(chunk["copy"][0])
     table = _read_rows(uri, start, stop)
     order = np.arange(stop - start)
     if options.train:  # a fresh order of the task's rows every epoch ("Shuffling" above)
-        order = _task_order(uri, start, stop, seed=seed, epoch=epoch)
+        order = _task_order(uri, start, stop, seed=seed, epoch=epoch, copy=copy)
         table = table.take(order)
     row_ids = int(chunk["base"][0]) + start + order
     sampler = _sampler(options)
@@ -705,7 +760,8 @@ def _decode_chunk(
     for lo, hi in _aligned_pieces(start, stop, options.map_batch_rows):
         rows = table.slice(lo - start, hi - lo)
         keys = rows.column("key").to_pylist()
-        rng = np.random.default_rng([seed, epoch, zlib.crc32("\0".join(keys).encode())])
+        key = [seed, epoch, zlib.crc32("\0".join(keys).encode())] + ([copy] if copy else [])
+        rng = np.random.default_rng(key)  # a repeat of the rows gets draws of its own
         where = f"rows {lo}..{hi - 1} of {storage.redact(uri)}"
         decoded = _decode_map_batch(rows, keys, options, sampler, rng, where)
         yield {**decoded, "row": row_ids[lo - start : hi - start]}
@@ -752,11 +808,15 @@ def _decode_map_batch(
     return {"image": images, "label": labels, "key": keys_out, "bad": bad, **crops}
 
 
-def _task_order(uri: str, start: int, stop: int, *, seed: int, epoch: int) -> np.ndarray:
+def _task_order(
+    uri: str, start: int, stop: int, *, seed: int, epoch: int, copy: int = 0
+) -> np.ndarray:
     """The permutation of a training task's rows ``[start, stop)`` of shard ``uri`` in ``epoch``
-    (keyed by the shard's file name, so a dataset copied elsewhere keeps its orders)."""
+    (keyed by the shard's file name, so a dataset copied elsewhere keeps its orders; and by the
+    repeat, ``copy``, under repeated augmentation)."""
     name = zlib.crc32(uri.rstrip("/").rpartition("/")[2].encode())
-    return np.random.default_rng([seed, epoch, name, start]).permutation(stop - start)
+    key = [seed, epoch, name, start] + ([copy] if copy else [])
+    return np.random.default_rng(key).permutation(stop - start)
 
 
 def _aligned_pieces(start: int, stop: int, step: int, offset: int = 0) -> list[tuple[int, int]]:
@@ -781,7 +841,7 @@ def _chunks(plan: EpochPlan, task_rows: int) -> list[dict[str, Any]]:
     offset = task_offset(plan, task_rows)
     for r in plan.ranges:
         items += [
-            {"uri": r.uri, "start": lo, "stop": hi, "base": r.base}
+            {"uri": r.uri, "start": lo, "stop": hi, "base": r.base, "copy": r.copy}
             for lo, hi in _aligned_pieces(r.start, r.stop, task_rows, offset)
         ]
     if plan.train:
@@ -1097,14 +1157,16 @@ def iter_batches(
     batch_size: int,
     skip_batches: int = 0,
     max_batches: int | None = None,
+    repeats: int = 1,
 ) -> EpochBatches:
     """One rank's epoch of ``split`` as ``(uint8 images, int64 labels)`` batches.
 
     A training mode (``options.mode`` in :data:`TRAIN_MODES`) plans a training epoch, an
     evaluation mode an exactly-once pass (``epoch`` is then irrelevant). ``max_batches`` ends
     the epoch early (e.g. at the job's last step); ``skip_batches`` resumes mid-epoch (batches
-    ``skip_batches .. max_batches - 1`` come out). Images are on the CPU, or on
-    ``options.device`` when the worker decodes (see the module docstring).
+    ``skip_batches .. max_batches - 1`` come out). ``repeats``: repeated augmentation (see
+    :meth:`EpochPlan.create`). Images are on the CPU, or on ``options.device`` when the worker
+    decodes (see the module docstring).
     """
     plan = plan_epoch(
         manifest,
@@ -1116,5 +1178,6 @@ def iter_batches(
         seed=seed,
         batch_size=batch_size,
         max_batches=max_batches,
+        repeats=repeats,
     )
     return EpochBatches(plan, options, skip_batches=skip_batches)

@@ -122,6 +122,27 @@ def test_training_plan_gives_every_rank_the_same_steps_and_disjoint_rows():
         assert len(set(rows)) == len(rows) == 36
 
 
+def test_repeated_augmentation_deals_each_row_to_consecutive_ranks():
+    """torchvision's RASampler: 1/k of the rows, each k times, the copies on k different ranks
+    (consecutive), each copy marked so its augmentation is its own; every rank the same steps."""
+    plans = [_plan(rank=r, epoch=2, repeats=2) for r in range(3)]
+    assert [p.steps for p in plans] == [3, 3, 3]  # 47 // 2 // 3 = 7 rows a part, 14 a rank
+    seen: dict[tuple[str, int], list[tuple[int, int]]] = {}
+    for plan in plans:
+        for r in plan.ranges:
+            for row in range(r.start, r.stop):
+                seen.setdefault((r.uri, row), []).append((plan.rank, r.copy))
+    assert sum(len(v) for v in seen.values()) == 36
+    for places in seen.values():
+        ranks, copies = zip(*places, strict=True)
+        assert len(set(ranks)) == len(ranks)  # never twice on one rank (2 copies, 3 ranks)
+        assert len(set(copies)) == len(copies)
+        if len(places) == 2:
+            assert (ranks[1] - ranks[0]) % 3 in (1, 2)  # consecutive ranks
+    assert sum(len(v) == 2 for v in seen.values()) >= 15
+    assert _plan(repeats=1) == _plan()
+
+
 def test_steps_per_epoch_caps_with_max_batches():
     assert _plan(max_batches=2).steps == 2
     assert len(_rows(_plan(max_batches=2))) == 8
@@ -232,6 +253,17 @@ def test_per_image_policies_change_every_crop_and_replay_exactly(manifest):
     assert bool(erased.flatten(1).any(dim=1).all())
     with pytest.raises(ValueError, match="training decode tasks only"):
         data.DecodeOptions(mode="eval_center", image_size=IMAGE_SIZE, augment=policy)
+
+
+def test_repeated_copies_of_a_row_get_their_own_crops(manifest):
+    ranks = [_epoch(manifest, world_size=2, rank=r, repeats=2) for r in range(2)]
+    crops = [
+        {k: img for b in batches for k, img in zip(b.keys, b.images, strict=True)}
+        for batches in ranks
+    ]
+    shared = crops[0].keys() & crops[1].keys()
+    assert len(shared) >= 16  # 48 rows: 24 distinct, each on both ranks (up to the batch cut)
+    assert sum(torch.equal(crops[0][k], crops[1][k]) for k in shared) <= len(shared) // 4
 
 
 def test_skip_batches_yields_exactly_the_tail(manifest):

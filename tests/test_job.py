@@ -225,6 +225,7 @@ TOOLBOX = {
         "cutmix_alpha": 1.0,
         "auto_augment": "ta_wide",
         "random_erase": 0.25,
+        "repeated_augment": 2,
     },
     "optim": {"label_smoothing": 0.1},
 }
@@ -246,10 +247,11 @@ def test_a_run_interrupted_mid_epoch_ends_with_the_uninterrupted_runs_weights(
     dataset, mlflow_uri, tmp_path
 ):
     """Fine-tuned from init weights (a new head, the backbone frozen in epoch 1), with EMA,
-    MixUp/CutMix, TrivialAugment and RandomErasing, accumulation and clipping on: killed after
-    step 5 (the checkpoint at step 4 is one batch into epoch 2), restarted, finished: every
-    weight and buffer, and every EMA weight, equals the uninterrupted run's, bit for bit (CPU).
-    The EMA is validated beside the raw weights, and the final model is the EMA's."""
+    MixUp/CutMix, TrivialAugment, RandomErasing, repeated augmentation, accumulation and
+    clipping on: killed after step 5 (the checkpoint at step 4 is one batch into epoch 2),
+    restarted, finished: every weight and buffer, and every EMA weight, equals the uninterrupted
+    run's, bit for bit (CPU). The EMA is validated beside the raw weights, and the final model
+    is the EMA's."""
     init = save_weights(tmp_path / "init.safetensors", create_model("resnet8", num_classes=10))
     base = _config(dataset, tmp_path / "gold")
     gold = dataclasses.replace(

@@ -14,7 +14,7 @@ import torch.distributed as dist
 from timm.optim import Lamb, Lars
 from torch import nn
 
-from pipelines.config import ConfigError, apply_overrides, validate
+from pipelines.config import ConfigError, apply_overrides, flatten, validate
 from pipelines.evaluate import resolve_protocol
 from pipelines.job.ema import ema_decay
 from pipelines.job.parts import batch_transforms, decode_options, make_optimizer
@@ -256,6 +256,7 @@ def test_ema_decay_follows_torchvisions_adjustment():
             "data.min_image_size resizes crops; data.augment='cifar' reads images whole",
         ),
         (["data.min_image_size=32"], "data.ramp_start_epoch=0 must be >= 0 and before"),
+        (["data.repeated_augment=0"], "data.repeated_augment=0 must be >= 1 (1: off)"),
         (["optim.name=adamw", "optim.nesterov=true"], "optim.nesterov=true applies to sgd"),
     ],
 )
@@ -316,3 +317,42 @@ def test_progressive_resizing_ramps_crop_sizes_as_ffcv_does():
     assert (
         decode_options(finer, manifest, mode="eval_center", device=cpu, epoch=0).image_size == 192
     )
+
+
+def test_imagenet_tv2_is_torchvisions_resnet50_v2_recipe_flag_for_flag():
+    config = build_recipe("imagenet-tv2")
+    validate(config)
+    flat = flatten(config)
+    torchvision_flags = {  # train.py flag: (our key, value)
+        "--model resnet50": ("model.name", "resnet50"),
+        "--batch-size 128 x 8 GPUs": ("train.global_batch", 1024),
+        "--lr 0.5": ("optim.lr", 0.5),
+        "--lr-scheduler cosineannealinglr": ("schedule.kind", "cosine"),
+        "--lr-warmup-epochs 5": ("schedule.warmup_epochs", 5),
+        "--lr-warmup-decay 0.01 (default)": ("schedule.warmup_start_factor", 0.01),
+        "--auto-augment ta_wide": ("data.auto_augment", "ta_wide"),
+        "--epochs 600": ("train.epochs", 600),
+        "--random-erase 0.1": ("data.random_erase", 0.1),
+        "--weight-decay 0.00002": ("optim.weight_decay", 2e-5),
+        "--norm-weight-decay 0.0": ("optim.decay_norm_and_bias", False),
+        "--label-smoothing 0.1": ("optim.label_smoothing", 0.1),
+        "--mixup-alpha 0.2": ("data.mixup_alpha", 0.2),
+        "--cutmix-alpha 1.0": ("data.cutmix_alpha", 1.0),
+        "--train-crop-size 176": ("data.image_size", 176),
+        "--val-crop-size 224 (default)": ("data.eval_image_size", 224),
+        "--val-resize-size 232": ("data.eval_resize", 232),
+        "--model-ema": ("train.ema", True),
+        "--model-ema-steps 32 (default)": ("train.ema_steps", 32),
+        "--model-ema-decay 0.99998 (default)": ("train.ema_decay", 0.99998),
+        "--ra-sampler --ra-reps 4": ("data.repeated_augment", 4),
+        "--momentum 0.9 (default)": ("optim.momentum", 0.9),
+        "no --amp": ("train.precision", "fp32"),
+        "v1.5 bottlenecks (torchvision's ResNet-50)": ("model.stride_in_3x3", True),
+        "RandomResizedCrop + flip": ("data.augment", "inception"),
+        "ImageNet mean and std": ("data.mean", "imagenet"),
+    }
+    assert {flag: flat[key] for flag, (key, _) in torchvision_flags.items()} == {
+        flag: value for flag, (_, value) in torchvision_flags.items()
+    }
+    assert flat["data.normalize_std"] is True
+    assert flat["optim.name"] == "sgd"

@@ -56,7 +56,11 @@ def plan_steps(config: JobConfig, manifest: Manifest) -> StepPlan:
     """Steps per epoch and in total; ValueError when the split is too small for the batch."""
     t, world = config.train, config.scale.num_workers
     per_epoch = data_lib.steps_per_epoch(
-        manifest, config.data.train_split, world_size=world, batch_size=t.global_batch // world
+        manifest,
+        config.data.train_split,
+        world_size=world,
+        batch_size=t.global_batch // world,
+        repeats=config.data.repeated_augment,
     )
     total = t.epochs * per_epoch
     if t.max_steps is not None:

@@ -193,7 +193,14 @@ class TrainLoopRunner:
                 batch_size=c.train.global_batch // self.world,
                 skip_batches=self.batches_done,
                 max_batches=steps,
+                repeats=c.data.repeated_augment,
                 **where,
+            )
+        if c.data.repeated_augment > 1:  # its rows are trained several times: no remainder
+            raise CheckpointError(
+                f"the checkpoint at step {self.step} is {self.batches_done} batches into an "
+                f"epoch with data.repeated_augment={c.data.repeated_augment}, which resumes on "
+                f"the workers it was planned for: --workers {self.rows.planned_world}"
             )
         if self.rows.restored is None:
             raise CheckpointError(
