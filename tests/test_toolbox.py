@@ -356,3 +356,19 @@ def test_imagenet_tv2_is_torchvisions_resnet50_v2_recipe_flag_for_flag():
     }
     assert flat["data.normalize_std"] is True
     assert flat["optim.name"] == "sgd"
+
+
+def test_the_per_image_policies_and_the_optimizers_settings_come_from_the_config():
+    config = _config(
+        "data.auto_augment=ra", "data.ra_magnitude=12", "data.augmix_severity=5",
+        "data.random_erase=0.3", "data.mean=imagenet", "optim.name=adamw",
+        "optim.betas=0.8,0.99", "optim.eps=1e-6",
+    )  # fmt: skip
+    manifest = SimpleNamespace()  # the ImageNet constants need nothing from it
+    augment = decode_options(config, manifest, mode="cifar", device=torch.device("cpu")).augment
+    assert (augment.policy, augment.magnitude, augment.severity, augment.erase_p) == (
+        "ra", 12, 5, 0.3,
+    )  # fmt: skip
+    assert augment.erase_value == (124, 116, 104)  # ImageNet's mean colour, 0..255
+    optimizer = make_optimizer(_linear(), config)
+    assert (optimizer.defaults["betas"], optimizer.defaults["eps"]) == ((0.8, 0.99), 1e-6)
