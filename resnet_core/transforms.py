@@ -17,6 +17,7 @@ Pixel units: uint8 arrays are 0..255; float statistics (means, stds, PCA eigenva
 
 from __future__ import annotations
 
+import functools
 import io
 import math
 from collections.abc import Iterable, Sequence
@@ -60,7 +61,9 @@ class ImageAugment:
     def __bool__(self) -> bool:
         return self.policy is not None or self.erase_p > 0
 
+    @functools.cached_property
     def transform(self):
+        """The composed v2 transforms (built once per instance, on first use)."""
         from torchvision.transforms import v2
 
         steps = []
@@ -79,7 +82,7 @@ class ImageAugment:
 
     def __call__(self, images: np.ndarray, rng: np.random.Generator) -> np.ndarray:
         """``images``: uint8 (N, H, W, 3); returns a new array of the same shape."""
-        transform = self.transform()
+        transform = self.transform
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(int(rng.integers(2**62)))
             out = [transform(torch.from_numpy(image).permute(2, 0, 1)) for image in images]

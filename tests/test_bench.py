@@ -64,6 +64,9 @@ def test_bench_data_prints_every_ratio(tmp_path):
         r"^  ray_paper +\d+\.\d img/s end to end on 2 CPUs \(\d+ images, Ray Data\)", out, re.M
     )
     assert len(re.findall(r"^target .* (met|missed) \(\d+\.\d\dx\)$", out, re.M)) == 2
+    for policy in ("ta_wide", "ra", "imagenet", "augmix"):  # what each policy adds to a crop
+        assert re.search(rf"^policy {policy}: \+-?\d+\.\d\d ms per image per core", out, re.M)
+    assert re.search(r"^ratio ours_inception_ta_wide/torchvision_ta_wide: \d+\.\d\dx$", out, re.M)
 
 
 def test_bench_data_rejects_a_folder_without_images(tmp_path, capsys):

@@ -47,12 +47,15 @@ from resnet_core import jpeg
 from resnet_core.transforms import (
     IMAGENET_MEAN_RGB,
     IMAGENET_STD_RGB,
+    ImageAugment,
     RandomResizedCrop,
     ScaleAugment,
     decode_crop,
 )
 
 BASELINE = "torchvision_classic"
+# The auto-augment policies timed after the Inception crop (torchvision --auto-augment values).
+POLICIES = ("ta_wide", "ra", "imagenet", "augmix")
 RE_ENCODE_MAX_SIDE = 320  # FFCV-style re-encoding of the (e) pipeline and the small shards
 # Targets of the data pipeline (ours vs the classic pipeline, per core).
 TARGETS = {"ours_paper": 1.8, "ours_paper_320": 4.0}
@@ -110,8 +113,27 @@ def per_core_pipelines(
         with Image.open(io.BytesIO(data)) as img:
             return img.convert("RGB")
 
+    # The per-image policies after the Inception crop: ours on the uint8 crop, in the decode
+    # tasks (resnet_core.transforms.ImageAugment); torchvision's reference applies TA to the
+    # PIL crop before ToTensor (references/classification/presets.py).
+    with_ta = transforms.Compose(
+        [
+            transforms.RandomResizedCrop(224),
+            transforms.RandomHorizontalFlip(),
+            transforms.TrivialAugmentWide(interpolation=transforms.InterpolationMode.BILINEAR),
+            transforms.ToTensor(),
+            transforms.Normalize(IMAGENET_MEAN_RGB, IMAGENET_STD_RGB),
+        ]
+    )
+    policies = {f"ours_inception_{p}": ImageAugment(p) for p in POLICIES}
+
+    def crop_then(augment: ImageAugment) -> Callable[[int], object]:
+        return lambda i: augment(decode_crop(datas[i], inception, rng)[None], rng)
+
     return {
         BASELINE: lambda i: classic(pil_loader(str(paths[i]))),
+        "torchvision_ta_wide": lambda i: with_ta(pil_loader(str(paths[i]))),
+        **{name: crop_then(augment) for name, augment in policies.items()},
         "ours_paper": lambda i: decode_crop(datas[i], paper, rng),
         "ours_inception": lambda i: decode_crop(datas[i], inception, rng),
         "full_decode": lambda i: full_decode(datas[i]),
@@ -250,6 +272,7 @@ def run_data_bench(
     for name in rates:
         if name != BASELINE:
             _print_ratio(name, rates[name] / rates[BASELINE])
+    print_policy_costs(rates)
 
     with ray_session(num_cpus=num_cpus, dashboard=False) as started:
         ray_rates(rates, paths, shards, split, batch_size, seconds, min_rows, started)
@@ -296,6 +319,21 @@ def ray_rates(
                 flush=True,
             )
             _print_ratio(f"{name}_per_cpu", per_cpu / rates[BASELINE])
+
+
+def print_policy_costs(rates: dict[str, float]) -> None:
+    """What each per-image policy adds to an Inception crop, in CPU milliseconds per image, and
+    ours with TrivialAugment against torchvision's reference preset with it."""
+    crop_ms = 1000 / rates["ours_inception"]
+    for policy in POLICIES:
+        added = 1000 / rates[f"ours_inception_{policy}"] - crop_ms
+        print(
+            f"policy {policy}: +{added:.2f} ms per image per core "
+            f"({100 * added / crop_ms:.0f}% of the crop's {crop_ms:.2f} ms)",
+            flush=True,
+        )
+    ratio = rates["ours_inception_ta_wide"] / rates["torchvision_ta_wide"]
+    print(ratio_line("ours_inception_ta_wide", "torchvision_ta_wide", ratio), flush=True)
 
 
 def _print_ratio(name: str, ratio: float) -> None:
