@@ -746,7 +746,7 @@ def _decode_chunk(
     they are, for the worker to replace or drop.
     """
     uri, start, stop = str(chunk["uri"][0]), int(chunk["start"][0]), int(chunk["stop"][0])
-    copy = int(chunk["copy"][0])
+    copy = int(chunk["copy"][0]) if "copy" in chunk else 0  # hand-made chunks: the first copy
     table = _read_rows(uri, start, stop)
     order = np.arange(stop - start)
     if options.train:  # a fresh order of the task's rows every epoch ("Shuffling" above)

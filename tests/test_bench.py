@@ -88,6 +88,11 @@ def test_per_core_measurement_counts_every_pipeline(tmp_path):
         "ours_paper_320",
         "pillow_paper",
         "pillow_paper_320",
+        "torchvision_ta_wide",
+        "ours_inception_ta_wide",
+        "ours_inception_ra",
+        "ours_inception_imagenet",
+        "ours_inception_augmix",
     }
     assert all(rate > 0 for rate in rates.values())
     out = pipelines["ours_paper"](0)

@@ -445,7 +445,7 @@ def test_demo_recipe_learns_on_a_local_ray(tmp_path, learn_data):
     noise = [
         line for line in console.splitlines() if any(re.search(n, line) for n in CONSOLE_NOISE)
     ]
-    assert noise == [], "\n".join(noise)
+    assert noise == [], console[-6000:]  # the noise with what surrounds it
     assert re.search(r"^epoch 5/5 done: step \d+ train loss", driver.output, re.M), driver.output
     assert f"mlflow ui --backend-store-uri {uri}" in driver.output
     # The cluster fixture's Ray runs beside this one; the job still names its own dashboard.
