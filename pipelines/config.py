@@ -322,6 +322,7 @@ class TrainConfig:
     ema_steps: int = 32
     ema_decay: float = 0.99998  # per image seen, as torchvision's (adjusted to batch and steps)
     freeze_backbone_epochs: int = 0  # fine-tuning: only the classifier learns for these epochs
+    export_onnx: bool = True  # the final model also as final/model.onnx (checked, ~5 s)
 
     def check(self) -> None:
         for name in ("global_batch", "epochs", "max_steps"):

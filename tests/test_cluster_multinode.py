@@ -60,6 +60,7 @@ TRAIN_ARGS = [
     "train.log_every_steps=1",
     "train.checkpoint_every_steps=2",
     "scale.max_failures=3",
+    "train.export_onnx=false",  # checked where the final model is the subject
 ]  # fmt: skip
 
 

@@ -105,6 +105,7 @@ def _config(dataset: str, storage: Path, **train: Any) -> JobConfig:
                 "epochs": EPOCHS,
                 "log_every_steps": 1,
                 "checkpoint_every_steps": 4,
+                "export_onnx": False,  # the compiled run's final model checks it
                 **train,
             },
         ),
@@ -119,7 +120,7 @@ def _config(dataset: str, storage: Path, **train: Any) -> JobConfig:
 def compiled_run(dataset, mlflow_uri, tmp_path_factory) -> tuple[JobConfig, dict[str, Any]]:
     """The compiled run, its worker failing once after the checkpoint at step 4."""
     storage = tmp_path_factory.mktemp("runs")
-    config = _config(dataset, storage, compile=True)
+    config = _config(dataset, storage, compile=True, export_onnx=True)
     manifest, plan = check_dataset(config)
     marker = str(tmp_path_factory.mktemp("marker") / "failed")
     metrics = run_training(config, manifest, plan, [StepCounter(), FailOnce(marker)])
@@ -279,8 +280,12 @@ def test_a_run_interrupted_mid_epoch_ends_with_the_uninterrupted_runs_weights(
     assert sorted(m.step for m in client.get_metric_history(run_id, "val_ema/top1")) == [3, 6]
     final = load_weights(Path(client.download_artifacts(run_id, "final"), "weights.safetensors"))
     assert all(torch.equal(final[k], ema[k]) for k in ema)
-    params = client.get_run(run_id).data.params
-    assert (params["train.ema"], params["train.accumulate_steps"]) == ("True", "2")
+    run = client.get_run(run_id)
+    assert (run.data.params["train.ema"], run.data.params["train.accumulate_steps"]) == (
+        "True",
+        "2",
+    )
+    assert "onnx.opset" not in run.data.tags  # train.export_onnx=false
 
 
 # ---------------------------------------------------------------------------------------------

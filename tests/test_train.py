@@ -46,6 +46,7 @@ RUN_ARGS = [
     "train.checkpoint_every_steps=4",
     "train.keep_checkpoints=2",
     "scale.max_failures=2",
+    "train.export_onnx=false",  # the demo run's test checks the ONNX export
 ]  # fmt: skip
 
 pytestmark = pytest.mark.slow

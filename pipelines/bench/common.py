@@ -155,6 +155,7 @@ def measure_job(config: JobConfig, *, warmup_steps: int) -> JobMeasurement:
     from pipelines.job.checks import check_dataset
     from pipelines.job.trainer import run_training
 
+    config = replace(config, train=replace(config.train, export_onnx=False))  # not training
     manifest, plan = check_dataset(config)
     with _mlflow_store() as uri:
         started = time.time()

@@ -58,7 +58,9 @@ def log_final_model(
         files = write_final_files(Path(tmp), config, manifest, net, mean, std)
         _log_files(uri, run_id, files)
         model_uri = _log_served_model(uri, run_id, config, files, served)
-        onnx_tags = _log_onnx(uri, run_id, config, served, Path(tmp))
+        onnx_tags = (
+            _log_onnx(uri, run_id, config, served, Path(tmp)) if config.train.export_onnx else {}
+        )
     from mlflow.tracking import MlflowClient
 
     tags = {tracking.FINAL_MODEL_TAG: model_uri, **onnx_tags}
