@@ -203,6 +203,10 @@ class DataConfig:
             f"data.shuffle_buffer={self.shuffle_buffer} must be >= 0 (0: off)",
         )
         _require(self.seed >= 0, f"data.seed={self.seed} must be >= 0")
+        self._check_augment()
+
+    def _check_augment(self) -> None:
+        """The batch mixes and the per-image policies."""
         for name in ("mixup_alpha", "cutmix_alpha"):
             value = getattr(self, name)
             _require(value >= 0, f"data.{name}={value} must be >= 0 (0: off)")
