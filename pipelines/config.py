@@ -22,7 +22,7 @@ import typing
 from dataclasses import dataclass, field, fields, is_dataclass, replace
 from typing import Any, Literal
 
-from resnet_core.models import Shortcut, is_cifar_model
+from resnet_core.models import Shortcut, has_bottlenecks, is_cifar_model
 from resnet_core.optim import OptimizerName, ScheduleKind
 from resnet_core.step import Precision
 from resnet_core.transforms import AugmentMode, AutoAugmentPolicy
@@ -74,10 +74,9 @@ class ModelConfig:
             not self.reset_head or bool(self.init),
             "model.reset_head=true needs initial weights: pass --init (model.init)",
         )
-        bottleneck = self.name in ("resnet50", "resnet101", "resnet152")
         _require(
             not (self.init or "").startswith("torchvision:")
-            or not bottleneck
+            or not has_bottlenecks(self.name)
             or self.stride_in_3x3,
             f"torchvision's {self.name} weights are v1.5 (stride on the 3x3 conv): set "
             "model.stride_in_3x3=true",

@@ -737,7 +737,8 @@ def _plan_rows(
 def _decode_chunk(
     chunk: dict[str, np.ndarray], *, options: DecodeOptions, seed: int, epoch: int
 ) -> Iterator[dict[str, np.ndarray]]:
-    """Ray Data task: one chunk ``{"uri", "start", "stop", "base"}`` -> decoded map batches.
+    """Ray Data task: one chunk ``{"uri", "start", "stop", "base", "copy"}`` (see
+    :class:`ShardRange`) -> decoded map batches.
 
     Output columns: image uint8 (N, S, S, 3), label int64, key str, row int64 (the row's id in
     the split, see :class:`ShardRange`), bad bool (a replaced copy in training, a row to drop in
@@ -746,7 +747,7 @@ def _decode_chunk(
     they are, for the worker to replace or drop.
     """
     uri, start, stop = str(chunk["uri"][0]), int(chunk["start"][0]), int(chunk["stop"][0])
-    copy = int(chunk["copy"][0]) if "copy" in chunk else 0  # hand-made chunks: the first copy
+    copy = int(chunk["copy"][0])
     table = _read_rows(uri, start, stop)
     order = np.arange(stop - start)
     if options.train:  # a fresh order of the task's rows every epoch ("Shuffling" above)

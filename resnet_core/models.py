@@ -29,6 +29,7 @@ __all__ = [
     "Shortcut",
     "ZeroPadShortcut",
     "create_model",
+    "has_bottlenecks",
     "is_cifar_model",
     "model_names",
 ]
@@ -380,6 +381,13 @@ def model_names() -> list[str]:
 def is_cifar_model(name: str) -> bool:
     """True for the CIFAR-10 nets (32x32 stem, 10 classes by default), False for ImageNet nets."""
     return _parse(name)[2]
+
+
+def has_bottlenecks(name: str) -> bool:
+    """True for the nets built of bottleneck blocks (ResNet-50/101/152), where
+    ``stride_in_3x3`` chooses v1 or v1.5."""
+    _, depth, cifar = _parse(name)
+    return not cifar and _IMAGENET_LAYERS[depth][0] is Bottleneck
 
 
 def create_model(

@@ -57,7 +57,7 @@ def _tensors(datas: list[bytes]) -> list[torch.Tensor]:
 
 def _chunk(uri: str, rows: int, *, on_worker: bool, mode: str = "paper") -> dict[str, np.ndarray]:
     """One decode task over all ``rows`` of a shard, as one map batch."""
-    chunk = {"uri": [uri], "start": [0], "stop": [rows], "base": [0]}
+    chunk = {"uri": [uri], "start": [0], "stop": [rows], "base": [0], "copy": [0]}
     chunk = {key: np.asarray(value) for key, value in chunk.items()}
     options = data.DecodeOptions(
         mode=mode,

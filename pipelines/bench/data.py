@@ -97,14 +97,9 @@ def per_core_pipelines(
     from torchvision import transforms
     from torchvision.datasets.folder import pil_loader
 
-    classic = transforms.Compose(
-        [
-            transforms.RandomResizedCrop(224),
-            transforms.RandomHorizontalFlip(),
-            transforms.ToTensor(),
-            transforms.Normalize(IMAGENET_MEAN_RGB, IMAGENET_STD_RGB),
-        ]
-    )
+    crop = [transforms.RandomResizedCrop(224), transforms.RandomHorizontalFlip()]
+    to_input = [transforms.ToTensor(), transforms.Normalize(IMAGENET_MEAN_RGB, IMAGENET_STD_RGB)]
+    classic = transforms.Compose(crop + to_input)
     rng = np.random.default_rng(seed)
     paper = ScaleAugment()
     inception = RandomResizedCrop()
@@ -116,15 +111,8 @@ def per_core_pipelines(
     # The per-image policies after the Inception crop: ours on the uint8 crop, in the decode
     # tasks (resnet_core.transforms.ImageAugment); torchvision's reference applies TA to the
     # PIL crop before ToTensor (references/classification/presets.py).
-    with_ta = transforms.Compose(
-        [
-            transforms.RandomResizedCrop(224),
-            transforms.RandomHorizontalFlip(),
-            transforms.TrivialAugmentWide(interpolation=transforms.InterpolationMode.BILINEAR),
-            transforms.ToTensor(),
-            transforms.Normalize(IMAGENET_MEAN_RGB, IMAGENET_STD_RGB),
-        ]
-    )
+    bilinear = transforms.InterpolationMode.BILINEAR
+    with_ta = transforms.Compose([*crop, transforms.TrivialAugmentWide(bilinear), *to_input])
     policies = {f"ours_inception_{p}": ImageAugment(p) for p in POLICIES}
 
     def crop_then(augment: ImageAugment) -> Callable[[int], object]:

@@ -43,9 +43,10 @@ SERVED_TOLERANCE = {"cpu": 1e-5, "cuda": 2e-2}
 def log_final_model(
     uri: str, run_id: str, config: JobConfig, manifest: Manifest, checkpoint: Any
 ) -> str:
-    """Log the ``final/`` files and the served model of ``checkpoint`` (a Ray Train checkpoint
-    of this run; its EMA weights when the run keeps an EMA) to MLflow run ``run_id``, register it, and tag the run with the model's URI
-    (``tracking.FINAL_MODEL_TAG``), which it returns."""
+    """Log the ``final/`` files, the served model and its ONNX export of ``checkpoint`` (a Ray
+    Train checkpoint of this run; its EMA weights when the run keeps an EMA) to MLflow run
+    ``run_id``, register it, and tag the run with the model's URI (``tracking.FINAL_MODEL_TAG``),
+    which it returns."""
     with tempfile.TemporaryDirectory(prefix="resnet-final-") as tmp:
         checkpoint.to_directory(tmp)
         state = load_checkpoint(tmp)

@@ -169,14 +169,17 @@ def image_augment(config: JobConfig, manifest: Manifest) -> ImageAugment:
     """The per-image policies of ``config.data``; erased boxes take the input mean's colour
     (torchvision erases normalised images with 0)."""
     d = config.data
-    mean, _ = normalization(config, manifest)
-    rgb = mean.reshape(3, -1).mean(dim=1)  # per-pixel mean image: its channel means
+    erase_value = (0, 0, 0)
+    if d.random_erase:  # the mean (a file with per-pixel means) is read only when erasing
+        mean, _ = normalization(config, manifest)
+        rgb = mean.reshape(3, -1).mean(dim=1)  # per-pixel mean image: its channel means
+        erase_value = tuple(round(255 * float(v)) for v in rgb)
     return ImageAugment(
         policy=d.auto_augment,
         magnitude=d.ra_magnitude,
         severity=d.augmix_severity,
         erase_p=d.random_erase,
-        erase_value=tuple(round(255 * float(v)) for v in rgb),
+        erase_value=erase_value,
     )
 
 
