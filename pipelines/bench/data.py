@@ -112,7 +112,9 @@ def per_core_pipelines(
     # tasks (resnet_core.transforms.ImageAugment); torchvision's reference applies TA to the
     # PIL crop before ToTensor (references/classification/presets.py).
     bilinear = transforms.InterpolationMode.BILINEAR
-    with_ta = transforms.Compose([*crop, transforms.TrivialAugmentWide(bilinear), *to_input])
+    with_ta = transforms.Compose(
+        [*crop, transforms.TrivialAugmentWide(interpolation=bilinear), *to_input]
+    )
     policies = {f"ours_inception_{p}": ImageAugment(p) for p in POLICIES}
 
     def crop_then(augment: ImageAugment) -> Callable[[int], object]:
