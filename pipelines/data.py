@@ -47,6 +47,10 @@ multiples of ``map_batch_rows`` from the shard start and at the rank's range end
 do not depend on which node decodes them. The local shuffle buffer is seeded from ``(seed,
 epoch, rank)``. Same manifest, world size and arguments give the same batches, pixel for pixel.
 
+Epoch boundaries: the training job iterates the next epoch in a helper thread
+(:class:`Prefetched`) from the current epoch's last batch on, so its pipeline starts and its
+first batches decode during validation and the checkpoint.
+
 Mid-epoch resume: ``skip_batches=k`` reproduces the epoch's batch sequence and discards its first
 ``k`` batches. Honest cost: those rows are still read and decoded (a shuffle buffer needs them to
 reproduce the order), they are only not trained on. At ~3-4 ms of CPU per full-size ImageNet
@@ -61,9 +65,14 @@ Decoding on the Train worker's device (``decode_device``, for GPU nodes short of
 Ray Data tasks then only read rows and JPEG headers and draw each row's crop box and flip
 (:func:`resnet_core.transforms.sample_crop`, the same draws from the same generator as the CPU
 path), and ship the encoded bytes; the worker decodes each batch on its device
-(:func:`resnet_core.transforms.decode_jpeg_crops`: nvJPEG on a GPU), one batch ahead in a helper
-thread. Rows, order, boxes and flips are those of the CPU path; pixels differ by a few levels
-(see decode_jpeg_crops). Rows that are not complete RGB or grayscale JPEGs (a hand-made shard's
+(:func:`resnet_core.transforms.decode_jpeg_crops`: nvJPEG's batched decode on a GPU, then every
+crop's resample in a few batched matrix products), one batch ahead in a helper thread, on a
+CUDA stream of its own. Rows, order, boxes and flips are those of the CPU path; pixels differ
+by a fraction of a level on average (full-resolution decode where the CPU path drafts).
+Hybrid decode (``cpu_share``, ``data.decode_device=auto``): the tasks still decode a share of
+the map batches, drawn from their keys, and ship those as pixels (``raw`` rows); the worker
+decodes the rest. :class:`DecodeWaits` measures which side kept the worker waiting, for the
+job's rebalancing (pipelines.job.hybrid). Rows that are not complete RGB or grayscale JPEGs (a hand-made shard's
 PNG, CMYK or truncated JPEG; resnet-prepare writes none) are decoded in the task as on the CPU
 path and travel as pixels. A row whose header does not parse or that fails there is bad in the
 task; one that nvJPEG or libjpeg rejects (a broken Huffman table, say) is bad on the worker.
@@ -77,9 +86,12 @@ from __future__ import annotations
 import functools
 import io
 import math
+import queue
+import threading
+import time
 import zlib
 from collections.abc import Callable, Iterable, Iterator, Sequence
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field, replace
 from itertools import pairwise
 from typing import Any, NamedTuple
@@ -119,6 +131,7 @@ __all__ = [
     "DecodeOptions",
     "EpochBatches",
     "EpochPlan",
+    "Prefetched",
     "ShardRange",
     "ShardUnreadable",
     "build_dataset",
@@ -172,6 +185,8 @@ class DecodeOptions:
     off), pin_memory (pinned host batches for ``.to(cuda, non_blocking=True)``): iteration.
     augment: per-image policies after the crop (auto-augment, random erasing; training, decoded
     in the tasks).
+    cpu_share: with ``device``, the share of map batches the tasks still decode (hybrid
+    decode, :meth:`decodes_on_cpu`); 0: the device decodes every JPEG.
     """
 
     mode: str
@@ -187,8 +202,13 @@ class DecodeOptions:
     shuffle_buffer: int | None = None
     pin_memory: bool = False
     augment: ImageAugment = field(default_factory=ImageAugment)
+    cpu_share: float = 0.0
 
     def __post_init__(self) -> None:
+        if not 0 <= self.cpu_share <= 1 or (self.cpu_share and self.device is None):
+            raise ValueError(
+                f"cpu_share {self.cpu_share} must be in [0, 1], and 0 without a decode device"
+            )
         if self.mode not in MODES:
             raise ValueError(f"mode {self.mode!r} is unknown: use one of {MODES}")
         if self.device is not None and self.mode not in DEVICE_DECODE_MODES:
@@ -228,6 +248,15 @@ class DecodeOptions:
     @property
     def train(self) -> bool:
         return self.mode in TRAIN_MODES
+
+    def decodes_on_cpu(self, keys: Sequence[str]) -> bool:
+        """Hybrid decode: whether the task decodes this map batch (keys ``keys``) itself and
+        ships pixels, rather than planning its crops for the device. Drawn from the keys, so a
+        map batch goes the same way on every run and resume; the crops are the same either
+        way (the same draws), only the decoder differs."""
+        if not self.cpu_share:
+            return False
+        return zlib.crc32("\0".join(keys).encode()) < self.cpu_share * 2**32
 
     @property
     def crop_size(self) -> int:
@@ -734,6 +763,14 @@ def _plan_rows(
     return images, {"box": boxes, "flip": flips, "raw": raw}, bad, first_error
 
 
+def _raw_rows(images: np.ndarray) -> tuple[np.ndarray, dict[str, np.ndarray]]:
+    """Crops decoded in the task, in the device path's columns (see :func:`_plan_rows`)."""
+    out = np.empty(len(images), dtype=object)
+    out[:] = [image.tobytes() for image in images]
+    crops = {"box": np.zeros((len(images), 4)), "flip": np.zeros(len(images), dtype=bool)}
+    return out, crops | {"raw": np.ones(len(images), dtype=bool)}
+
+
 def _decode_chunk(
     chunk: dict[str, np.ndarray], *, options: DecodeOptions, seed: int, epoch: int
 ) -> Iterator[dict[str, np.ndarray]]:
@@ -780,12 +817,14 @@ def _decode_map_batch(
     mode, datas = options.mode, rows.column("image").to_pylist()
     labels = rows.column("label").to_numpy().astype(np.int64)
     crops: dict[str, np.ndarray] = {}  # the device path's per-row crop columns
-    if options.device is not None:
+    if options.device is not None and not options.decodes_on_cpu(keys):
         images, crops, bad, error = _plan_rows(datas, mode=mode, sampler=sampler, rng=rng)
     else:
         images, bad, error = _decode_rows(
             datas, mode=mode, sampler=sampler, image_size=options.image_size, rng=rng
         )
+        if options.device is not None:  # hybrid decode: this map batch travels as pixels
+            images, crops = _raw_rows(images)
     keys_out = np.asarray(keys, dtype=object)
     # The device path replaces bad rows on the worker, where decode failures show up too.
     if options.train and bad.any() and options.device is None:
@@ -1027,22 +1066,61 @@ def _decode_on_worker(encoded: _Encoded, *, size: int, device: torch.device, tra
     return Batch(images, labels, keys, int(bad.sum()), rows)
 
 
+@dataclass
+class DecodeWaits:
+    """Seconds the device path's consumer waited, per cause: for the Ray Data tasks' next batch
+    (``stream_s``: the CPU side is behind) and for the device's decode of the batch it needs
+    (``decode_s``: the device side is behind). Hybrid decode balances the two."""
+
+    stream_s: float = 0.0
+    decode_s: float = 0.0
+
+
 def _decode_ahead(
-    items: Iterator[_Encoded], decode: Callable[[_Encoded], Batch]
+    items: Iterator[_Encoded],
+    decode: Callable[[_Encoded], Batch],
+    device: torch.device,
+    waits: DecodeWaits,
 ) -> Iterator[Batch]:
     """``decode`` every item in a helper thread, one batch ahead of the caller: the decode of
-    batch k + 1 (nvJPEG waits on its own CUDA stream; libjpeg on CPU) overlaps the training
-    step on batch k. The thread uses the same (default) CUDA stream as the caller's step, so
-    its crops are ready in stream order."""
+    batch k + 1 (nvJPEG and the resample; libjpeg on CPU) overlaps the training step on batch
+    k. On CUDA the helper decodes on a side stream of its own, so its kernels run beside the
+    step's instead of queueing behind them on the default stream; the caller's stream waits for
+    each batch's event before using it. ``waits`` adds up the caller's waits by cause."""
+    side = torch.cuda.Stream(device) if device.type == "cuda" else None
+
+    def run(item: _Encoded) -> tuple[Batch, torch.cuda.Event | None]:
+        if side is None:
+            return decode(item), None
+        with torch.cuda.stream(side):
+            batch, ready = decode(item), torch.cuda.Event()
+            ready.record(side)
+        return batch, ready
+
+    def handed_over(future: Future[tuple[Batch, torch.cuda.Event | None]]) -> Batch:
+        started = time.perf_counter()
+        batch, ready = future.result()
+        waits.decode_s += time.perf_counter() - started
+        if ready is not None:
+            consumer = torch.cuda.current_stream(device)
+            consumer.wait_event(ready)
+            batch.images.record_stream(consumer)  # the allocator must not reuse it too early
+        return batch
+
     with ThreadPoolExecutor(max_workers=1, thread_name_prefix="device-decode") as pool:
         pending = None
-        for item in items:
-            submitted = pool.submit(decode, item)
+        while True:
+            started = time.perf_counter()
+            item = next(items, None)
+            waits.stream_s += time.perf_counter() - started
+            if item is None:
+                break
+            submitted = pool.submit(run, item)
             if pending is not None:
-                yield pending.result()
+                yield handed_over(pending)
             pending = submitted
         if pending is not None:
-            yield pending.result()
+            yield handed_over(pending)
 
 
 TASK_BYTES = 16 * 2**20  # decoded bytes a decode task aims at (its output, in the object store)
@@ -1081,6 +1159,7 @@ class EpochBatches:
         self.options = options
         self.skip_batches = skip_batches
         self.num_bad = 0
+        self.waits = DecodeWaits()
 
     def __len__(self) -> int:
         """Batches still to come out of a fresh iteration."""
@@ -1117,7 +1196,7 @@ class EpochBatches:
             decode = functools.partial(
                 _decode_on_worker, size=options.crop_size, device=options.device, train=plan.train
             )
-            batches = _decode_ahead(batches, decode)
+            batches = _decode_ahead(batches, decode, options.device, self.waits)
         try:
             for batch in batches:
                 self.num_bad += batch.num_bad
@@ -1144,6 +1223,65 @@ class EpochBatches:
                 f"{plan.steps}: the shards hold fewer rows than the manifest says; re-run "
                 "resnet-prepare"
             )
+
+
+class Prefetched:
+    """An epoch's batches fetched in a helper thread, up to ``depth`` ahead of the consumer.
+
+    The training job starts the next epoch this way at the end of an epoch, so that its Ray
+    Data pipeline starts and its first batches are decoded while the epoch's validation and
+    checkpoint run: without it every epoch began by waiting for data (42-64% of the first
+    window of ``make demo``). Errors reach the consumer; :meth:`close` stops the thread.
+    """
+
+    _END = object()
+
+    def __init__(self, epoch: EpochBatches, depth: int = 2) -> None:
+        self.epoch = epoch
+        self._queue: queue.Queue[Any] = queue.Queue(maxsize=depth)
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._fill, name="prefetch-epoch", daemon=True)
+        self._thread.start()
+
+    @property
+    def num_bad(self) -> int:
+        return self.epoch.num_bad
+
+    @property
+    def waits(self) -> DecodeWaits:
+        return self.epoch.waits
+
+    def __len__(self) -> int:
+        return len(self.epoch)
+
+    def batches(self) -> Iterator[Batch]:
+        while (item := self._queue.get()) is not self._END:
+            if isinstance(item, BaseException):
+                raise item
+            yield item
+
+    def close(self) -> None:
+        """Stop fetching (an epoch abandoned: the run failed or was stopped)."""
+        self._stop.set()
+        self._thread.join(timeout=30)
+
+    def _fill(self) -> None:
+        try:
+            for batch in self.epoch.batches():
+                if not self._put(batch):
+                    return
+            self._put(self._END)
+        except BaseException as e:  # handed to the consumer, who raises it
+            self._put(e)
+
+    def _put(self, item: Any) -> bool:
+        while not self._stop.is_set():
+            try:
+                self._queue.put(item, timeout=0.1)
+                return True
+            except queue.Full:
+                continue
+        return False
 
 
 def iter_batches(
