@@ -23,8 +23,8 @@ from dataclasses import dataclass, field, fields, is_dataclass, replace
 from typing import Any, Literal
 
 from resnet_core.models import Shortcut, has_bottlenecks, is_cifar_model
-from resnet_core.optim import OptimizerName, ScheduleKind
-from resnet_core.step import Precision
+from resnet_core.optim import Implementation, OptimizerName, ScheduleKind
+from resnet_core.step import CUDA_GRAPH_MODES, CompileMode, CompileWhen, Precision
 from resnet_core.transforms import AugmentMode, AutoAugmentPolicy
 
 RUN_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,127}")
@@ -39,7 +39,7 @@ MeanMode = Literal["per_pixel", "per_channel", "imagenet"]
 # cpu: Ray Data tasks decode and augment. device: the tasks only read rows and plan crops, each
 # Train worker decodes its JPEG batches on its own device (GPU: nvJPEG), for GPU nodes short of
 # CPU cores; paper/inception augment only.
-DecodeDevice = Literal["cpu", "device"]
+DecodeDevice = Literal["cpu", "device", "auto"]
 
 
 class ConfigError(ValueError):
@@ -105,7 +105,11 @@ class DataConfig:
     lighting_std: float = 0.0  # AlexNet PCA colour augmentation σ (paper §3.4 uses 0.1)
     decode_cpus: float = 1.0  # CPUs per Ray Data decode task
     decode_concurrency: int | None = None  # decode tasks per worker pipeline; None: Ray decides
+    # cpu: Ray Data tasks decode; device: the Train worker's GPU decodes (the tasks plan the
+    # crops); auto: both, the tasks a share of the map batches (hybrid_cpu_share at the start,
+    # rebalanced every epoch from who kept the other waiting).
     decode_device: DecodeDevice = "cpu"
+    hybrid_cpu_share: float = 0.5
     # Decode tasks go to nodes with this label first (the cluster configs' CPU-only decode
     # nodes), then anywhere with a free CPU; none: anywhere.
     decode_nodes: str | None = "resnet-ray/role=decode"
@@ -182,9 +186,14 @@ class DataConfig:
             f"data.decode_concurrency={self.decode_concurrency} must be >= 1 or None",
         )
         _require(
-            self.decode_device != "device" or self.augment in ("paper", "inception"),
-            f"data.decode_device=device decodes JPEG crops on the worker; data.augment="
-            f"{self.augment!r} reads 32x32 images whole: use data.decode_device=cpu",
+            self.decode_device == "cpu" or self.augment in ("paper", "inception"),
+            f"data.decode_device={self.decode_device} decodes JPEG crops on the worker; "
+            f"data.augment={self.augment!r} reads 32x32 images whole: use data.decode_device=cpu",
+        )
+        _require(
+            0 <= self.hybrid_cpu_share <= 1,
+            f"data.hybrid_cpu_share={self.hybrid_cpu_share} must be in [0, 1] (the share of map "
+            "batches the CPU tasks decode under data.decode_device=auto)",
         )
         if self.decode_nodes is not None:
             key, sep, value = self.decode_nodes.partition("=")
@@ -247,6 +256,7 @@ class OptimConfig:
     name: OptimizerName = "sgd"
     betas: tuple[float, ...] = (0.9, 0.999)  # adamw, lamb
     eps: float = 1e-8  # adamw, lamb, lars
+    implementation: Implementation = "auto"  # sgd/adamw kernels; auto: fused on CUDA
 
     def check(self) -> None:
         _require(self.lr > 0, f"optim.lr={self.lr} must be positive")
@@ -255,6 +265,11 @@ class OptimConfig:
             f"optim.betas={self.betas} must be two values in [0, 1), e.g. optim.betas=0.9,0.999",
         )
         _require(self.eps > 0, f"optim.eps={self.eps} must be positive")
+        _require(
+            self.implementation == "auto" or self.name in ("sgd", "adamw"),
+            f"optim.implementation={self.implementation} applies to sgd and adamw; timm's "
+            f"{self.name} has one: use optim.implementation=auto",
+        )
         _require(
             not self.nesterov or self.name in ("sgd", "lars"),
             f"optim.nesterov=true applies to sgd and lars, not optim.name={self.name}",
@@ -314,7 +329,10 @@ class TrainConfig:
     keep_checkpoints: int = 3  # the best K by validation top-1, plus the latest
     precision: Precision = "auto"
     channels_last: bool = True  # GPU only
-    compile: bool = False
+    # torch.compile the step's normalisation + forward + loss: true, false, or auto (on CUDA
+    # workers only); compile_mode is torch.compile's (reduce-overhead: CUDA graphs).
+    compile: CompileWhen = False
+    compile_mode: CompileMode = "default"
     sync_bn: bool = False  # SyncBatchNorm across GPU workers (NCCL)
     seed: int = 0
     accumulate_steps: int = 1  # micro-batches per optimizer step (same step, less memory)
@@ -326,6 +344,13 @@ class TrainConfig:
     ema_decay: float = 0.99998  # per image seen, as torchvision's (adjusted to batch and steps)
     freeze_backbone_epochs: int = 0  # fine-tuning: only the classifier learns for these epochs
     export_onnx: bool = True  # the final model also as final/model.onnx (checked, ~5 s)
+    # Every worker's CPU, memory, disk, network and GPU in MLflow (system/worker_<rank>/...,
+    # MLflow's own monitors), sampled every system_metrics_interval_s, averaged per report.
+    system_metrics: bool = True
+    system_metrics_interval_s: float = 10.0
+    # A torch.profiler trace of rank 0 over steps (first, count), e.g. 20,5: steps 20-24
+    # (1-based), logged as the MLflow artifact profile/trace_rank0.json.gz; (): off.
+    profile_steps: tuple[int, ...] = ()
 
     def check(self) -> None:
         for name in ("global_batch", "epochs", "max_steps"):
@@ -350,6 +375,26 @@ class TrainConfig:
         _require(
             self.freeze_backbone_epochs >= 0,
             f"train.freeze_backbone_epochs={self.freeze_backbone_epochs} must be >= 0",
+        )
+        _require(
+            self.system_metrics_interval_s > 0,
+            f"train.system_metrics_interval_s={self.system_metrics_interval_s} must be positive",
+        )
+        self._check_profile_steps()
+
+    def _check_profile_steps(self) -> None:
+        if not self.profile_steps:
+            return
+        _require(
+            len(self.profile_steps) == 2 and min(self.profile_steps) >= 1,
+            f"train.profile_steps={self.profile_steps} must be two positive numbers, the first "
+            "step and the number of steps (e.g. train.profile_steps=20,5), or empty for off",
+        )
+        last = sum(self.profile_steps) - 1
+        _require(
+            self.max_steps is None or last <= self.max_steps,
+            f"train.profile_steps={self.profile_steps} ends at step {last}, after train.max_steps="
+            f"{self.max_steps}; profile earlier steps",
         )
 
 
@@ -465,6 +510,13 @@ def validate(config: JobConfig) -> None:
         f"train.accumulate_steps={t.accumulate_steps} does not divide the batch of each worker "
         f"({per_worker} = train.global_batch / scale.num_workers); pick a divisor of {per_worker}",
     )
+    ddp_on_gpus = sc.use_gpu and sc.num_workers > 1 and t.compile is not False
+    _require(
+        t.compile_mode not in CUDA_GRAPH_MODES or not ddp_on_gpus,
+        f"train.compile_mode={t.compile_mode} records CUDA graphs, which run BatchNorm nets "
+        f"several times slower under DDP (pytorch#139207); with scale.num_workers="
+        f"{sc.num_workers} use train.compile_mode=default",
+    )
     _require(
         not t.sync_bn or sc.use_gpu,
         "train.sync_bn=true needs scale.use_gpu=true (SyncBatchNorm runs on CUDA with NCCL, not "
@@ -483,12 +535,19 @@ def choices(hint: Any) -> tuple[Any, ...] | None:
     return None
 
 
+def _shown(choice: Any) -> str:
+    """A choice as the command line spells it (none, true, auto)."""
+    if choice is None:
+        return "none"
+    return str(choice).lower() if isinstance(choice, bool) else str(choice)
+
+
 def _check_choices(name: str, section: Any) -> None:
     for key, hint in typing.get_type_hints(type(section)).items():
         allowed = choices(hint)
         value = getattr(section, key)
         if allowed is not None and value not in allowed:
-            shown = ", ".join("none" if a is None else str(a) for a in allowed)
+            shown = ", ".join(_shown(a) for a in allowed)
             raise ConfigError(f"{name}.{key}={value!r}; use one of: {shown}")
 
 
@@ -517,10 +576,12 @@ def from_dict(cls: type, data: dict[str, Any]) -> Any:
 
 
 # What a resumed run may change: how wide and where it runs, not what it computes (the global
-# batch is train.global_batch; pipelines.job.elastic shares an interrupted epoch's rows out anew).
+# batch is train.global_batch; pipelines.job.elastic shares an interrupted epoch's rows out anew),
+# and how fast its step runs (compiling, optimizer kernels: the same arithmetic, rounded apart).
 # MLflow keeps the first values as params; the cluster.* tags say what the last attempt used.
 RESUME_MAY_CHANGE = frozenset(
     {"scale.num_workers", "scale.cpus_per_worker", "scale.gpus_per_worker", "scale.max_failures"}
+    | {"train.compile", "train.compile_mode", "optim.implementation"}
 )
 
 
@@ -567,6 +628,10 @@ def _is_tuple(hint: Any) -> bool:
     return typing.get_origin(hint) is tuple
 
 
+BOOL_WORDS = {"1": True, "true": True, "yes": True, "on": True}
+BOOL_WORDS |= {"0": False, "false": False, "no": False, "off": False}
+
+
 def _parse_value(raw: str, hint: Any, item: str) -> Any:
     args = typing.get_args(hint)
     origin = typing.get_origin(hint)
@@ -576,17 +641,17 @@ def _parse_value(raw: str, hint: Any, item: str) -> Any:
         inner = [a for a in args if a is not type(None)]
         return _parse_value(raw, inner[0], item)
     if origin is Literal:
+        if bool in {type(a) for a in args} and raw.lower() in BOOL_WORDS:  # train.compile
+            return BOOL_WORDS[raw.lower()]
         return raw  # membership is checked by validate(), with the allowed values
     if _is_tuple(hint):
         parts = [p for p in raw.strip("()[] ").split(",") if p.strip()]
         return tuple(_parse_value(p.strip(), args[0], item) for p in parts)
     try:
         if hint is bool:
-            if raw.lower() in ("1", "true", "yes", "on"):
-                return True
-            if raw.lower() in ("0", "false", "no", "off"):
-                return False
-            raise ValueError(raw)
+            if raw.lower() not in BOOL_WORDS:
+                raise ValueError(raw)
+            return BOOL_WORDS[raw.lower()]
         if hint is int:
             return int(raw)
         if hint is float:

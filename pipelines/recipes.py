@@ -37,6 +37,12 @@ from pipelines.config import (
 )
 
 CIFAR_ITERATIONS = 64_000  # §4.2: "terminate training at 64k iterations"
+# GPU speed (BENCHMARKS.md, "levers"): the step compiles on CUDA workers (train.compile=auto;
+# CPU runs stay eager), SGD runs fused there (optim.implementation=auto, the default). ImageNet
+# nets are GPU-bound at their batch: plain compile. CIFAR nets are launch-bound (hundreds of
+# tiny kernels per step): CUDA graphs. train.compile=false switches it off.
+IMAGENET_COMPILE = {"compile": "auto", "compile_mode": "default"}
+CIFAR_COMPILE = {"compile": "auto", "compile_mode": "reduce-overhead"}
 
 
 def _cifar_shortcut(model: str) -> str | None:
@@ -69,7 +75,9 @@ def cifar_paper(model: str = "resnet20") -> JobConfig:
         data=DataConfig(uri="data/cifar10", augment="cifar", image_size=32, eval_resize=32),
         optim=OptimConfig(lr=0.1, momentum=0.9, weight_decay=1e-4),
         schedule=ScheduleConfig(kind="multistep", milestones=(32_000, 48_000), **hold),
-        train=TrainConfig(global_batch=128, epochs=200, max_steps=CIFAR_ITERATIONS),
+        train=TrainConfig(
+            global_batch=128, epochs=200, max_steps=CIFAR_ITERATIONS, **CIFAR_COMPILE
+        ),
         scale=ScaleConfig(num_workers=1),
     )
 
@@ -89,7 +97,7 @@ def cifar_tutorial(model: str = "resnet20") -> JobConfig:
         ),
         optim=OptimConfig(lr=0.1, momentum=0.9, weight_decay=5e-4),
         schedule=ScheduleConfig(kind="multistep", milestone_epochs=(100,)),
-        train=TrainConfig(global_batch=128, epochs=150),
+        train=TrainConfig(global_batch=128, epochs=150, **CIFAR_COMPILE),
         scale=ScaleConfig(num_workers=1),
     )
 
@@ -110,7 +118,13 @@ def imagenet_paper(model: str = "resnet50") -> JobConfig:
         ),
         optim=OptimConfig(lr=0.1, momentum=0.9, weight_decay=1e-4),
         schedule=ScheduleConfig(kind="plateau", plateau_patience=5),
-        train=TrainConfig(global_batch=256, epochs=120, max_steps=600_000, log_every_steps=100),
+        train=TrainConfig(
+            global_batch=256,
+            epochs=120,
+            max_steps=600_000,
+            log_every_steps=100,
+            **IMAGENET_COMPILE,
+        ),
         scale=ScaleConfig(num_workers=8, use_gpu=True, cpus_per_worker=2.0),
     )
 
@@ -138,7 +152,9 @@ def imagenet_fast(model: str = "resnet50") -> JobConfig:
             nesterov=True,
         ),
         schedule=ScheduleConfig(kind="cosine", warmup_epochs=5),
-        train=TrainConfig(global_batch=1024, epochs=40, log_every_steps=100, precision="auto"),
+        train=TrainConfig(
+            global_batch=1024, epochs=40, log_every_steps=100, precision="auto", **IMAGENET_COMPILE
+        ),
         scale=ScaleConfig(num_workers=8, use_gpu=True, cpus_per_worker=2.0),
     )
 
@@ -200,6 +216,7 @@ def imagenet_tv2(model: str = "resnet50") -> JobConfig:
             ema=True,
             ema_steps=32,
             ema_decay=0.99998,
+            **IMAGENET_COMPILE,
         ),
         scale=ScaleConfig(num_workers=8, use_gpu=True, cpus_per_worker=2.0),
     )
@@ -242,6 +259,8 @@ def finetune(model: str = "resnet50") -> JobConfig:
             label_smoothing=0.1,
         ),
         schedule=ScheduleConfig(kind="cosine", warmup_epochs=1),
+        # Eager: ResNet-50's compile (about a minute) costs more than it saves on a folder of a
+        # few thousand images; train.compile=auto for large ones.
         train=TrainConfig(global_batch=64, epochs=15, log_every_steps=10),
         scale=ScaleConfig(num_workers=1, cpus_per_worker=2.0),
     )

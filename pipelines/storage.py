@@ -112,8 +112,8 @@ def exists(fs: pafs.FileSystem, path: str) -> bool:
 
 
 def read_bytes(fs: pafs.FileSystem, path: str) -> bytes:
-    """The whole content of the file at ``path``."""
-    with fs.open_input_stream(path) as f:
+    """The whole content of the file at ``path`` (as stored: a ``.gz`` file stays gzipped)."""
+    with fs.open_input_stream(path, compression=None) as f:  # pyarrow would gunzip by name
         return f.read()
 
 
@@ -128,14 +128,14 @@ def write_bytes(fs: pafs.FileSystem, path: str, data: bytes) -> None:
         fs.create_dir(parent, recursive=True)
         tmp = f"{path}.tmp-{uuid.uuid4().hex}"
         try:
-            with fs.open_output_stream(tmp) as f:
+            with fs.open_output_stream(tmp, compression=None) as f:
                 f.write(data)
             fs.move(tmp, path)
         finally:
             if fs.get_file_info(tmp).type != pafs.FileType.NotFound:
                 fs.delete_file(tmp)
         return
-    with fs.open_output_stream(path) as f:
+    with fs.open_output_stream(path, compression=None) as f:  # pyarrow would gzip by name
         f.write(data)
 
 

@@ -20,6 +20,7 @@ import os
 import platform
 import subprocess
 import sys
+import tempfile
 import time
 from collections.abc import Collection, Iterator, Mapping
 from pathlib import Path
@@ -257,13 +258,20 @@ def _git_commit(workdir: str | Path | None) -> str | None:
 
 
 UNLOGGED_PREFIX = "checkpoint/"  # report keys for Ray's checkpoint ranking only
+# System metrics, MLflow's "System metrics" tab (pipelines.job.system_metrics): each rank reports
+# its own (system/worker_<rank>/...), logged from every rank.
+SYSTEM_PREFIX = "system/"
+# "artifact/<path in the run>": a file a worker wrote to the run's storage (the value, a path or
+# s3:// URI, which every node and the controller reach), logged as the run's artifact <path>.
+ARTIFACT_PREFIX = "artifact/"
 
 
 class MlflowReporter(UserCallback):
     """The single MLflow writer of a Train run, living in the Train controller.
 
     Every rank reports the same globally reduced metrics (all-reduced in the loop); rank 0's dict
-    is logged. Keys ending in ``_step`` name the x-axis; ``step`` is the global optimizer step.
+    is logged, plus each rank's own ``system/`` metrics and ``artifact/`` files. Keys ending in
+    ``_step`` name the x-axis; ``step`` is the global optimizer step.
     """
 
     def __init__(self, uri: str, run_id: str) -> None:
@@ -294,6 +302,23 @@ class MlflowReporter(UserCallback):
             self._last_step = self._load_last_steps(client)
         reported = metrics[0] if metrics else {}
         step = int(reported.get("step", 0))
+        system = {k: v for m in metrics[1:] for k, v in m.items() if k.startswith(SYSTEM_PREFIX)}
+        self._log_metrics(client, {**reported, **system}, step)
+        for rank_metrics in metrics:
+            self._log_artifacts(client, rank_metrics)
+        if checkpoint is not None:
+            uri = storage.redact(checkpoint.path)
+            if checkpoint.filesystem is not None and "://" not in uri:
+                scheme = checkpoint.filesystem.type_name
+                uri = f"{scheme}://{uri}" if scheme != "local" else uri
+            client.set_tag(self.run_id, "checkpoint.latest", uri)
+            client.log_batch(
+                self.run_id,
+                tags=[RunTag(f"checkpoint.step_{step:09d}", uri)],
+            )
+
+    def _log_metrics(self, client: MlflowClient, reported: dict[str, Any], step: int) -> None:
+        """The finite numbers of ``reported`` at ``step``, but for steps already logged."""
         now = int(time.time() * 1000)
         batch = []
         for key, value in reported.items():
@@ -305,18 +330,20 @@ class MlflowReporter(UserCallback):
                 continue
             batch.append(Metric(key, float(value), now, step))
             self._last_step[key] = step
-        if batch:
-            client.log_batch(self.run_id, metrics=batch)
-        if checkpoint is not None:
-            uri = storage.redact(checkpoint.path)
-            if checkpoint.filesystem is not None and "://" not in uri:
-                scheme = checkpoint.filesystem.type_name
-                uri = f"{scheme}://{uri}" if scheme != "local" else uri
-            client.set_tag(self.run_id, "checkpoint.latest", uri)
-            client.log_batch(
-                self.run_id,
-                tags=[RunTag(f"checkpoint.step_{step:09d}", uri)],
-            )
+        for start in range(0, len(batch), 1000):  # MLflow's limit per log_batch
+            client.log_batch(self.run_id, metrics=batch[start : start + 1000])
+
+    def _log_artifacts(self, client: MlflowClient, reported: dict[str, Any]) -> None:
+        """The files named by ``artifact/<path>`` keys, copied from storage into the run."""
+        for key, location in reported.items():
+            if not key.startswith(ARTIFACT_PREFIX) or not isinstance(location, str):
+                continue
+            folder, _, name = key.removeprefix(ARTIFACT_PREFIX).rpartition("/")
+            fs, path = storage.resolve(location)
+            with tempfile.TemporaryDirectory(prefix="resnet-artifact-") as tmp:
+                local = Path(tmp, name)
+                local.write_bytes(storage.read_bytes(fs, path))
+                client.log_artifact(self.run_id, str(local), artifact_path=folder or None)
 
     def after_exception(self, run_context: Any, worker_exceptions: dict[int, Exception]) -> None:
         client = self._client()

@@ -626,15 +626,12 @@ _WRAPPER_PREFIXES = ("module.", "_orig_mod.")
 
 
 def bare_model(model: nn.Module) -> nn.Module:
-    """The model inside DDP / DataParallel and ``torch.compile`` wrappers, whose state-dict keys
-    are the plain ones (``conv1.weight``), so checkpoints load into an unwrapped net."""
-    while True:
-        if isinstance(model, nn.parallel.DistributedDataParallel | nn.DataParallel):
-            model = model.module
-        elif isinstance(getattr(model, "_orig_mod", None), nn.Module):  # torch.compile
-            model = model._orig_mod
-        else:
-            return model
+    """The model inside DDP / DataParallel wrappers, whose state-dict keys are the plain ones
+    (``conv1.weight``), so checkpoints load into an unwrapped net. (The job never wraps the
+    model in ``torch.compile``: the training step compiles its own forward around it.)"""
+    while isinstance(model, nn.parallel.DistributedDataParallel | nn.DataParallel):
+        model = model.module
+    return model
 
 
 def strip_wrapper_prefixes(state_dict: Mapping[str, Tensor]) -> dict[str, Tensor]:
@@ -691,8 +688,8 @@ def restore_training_state(
 ) -> dict[str, Any]:
     """Loads a `training_state` tree into the given objects and restores the RNG states.
 
-    `model` may be wrapped (DDP, torch.compile) or bare; weights saved with the wrappers'
-    prefixes load too. Returns the remaining fields: epoch, step, batches_in_epoch, config, extra.
+    `model` may be wrapped in DDP or bare; weights saved with wrappers' prefixes (DDP's,
+    torch.compile's) load too. Returns the remaining fields: epoch, step, batches_in_epoch, config, extra.
     """
     bare = bare_model(model)
     try:

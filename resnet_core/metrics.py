@@ -69,7 +69,8 @@ class TopKAccumulator:
     ks: the k of each top-k accuracy. num_classes: when given, also counts top-1 hits per class
     for `per_class_accuracy`. device: where the counts live; the all_reduce backend must accept it
     (CPU for gloo, the worker's GPU for NCCL), and keeping counts on the GPU avoids a host sync per
-    batch.
+    batch: `update` reads nothing on the host (the training step's metrics rely on it), except
+    with num_classes, whose `bincount` reads the largest label (evaluation only).
 
     Mid-epoch resume across workers: checkpoint a reduced copy on the writing rank
     (``copy.deepcopy(acc).all_reduce().state_dict()``); after resume, load it on that rank only

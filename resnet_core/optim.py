@@ -29,6 +29,13 @@ SCHEDULE_KINDS: tuple[str, ...] = get_args(ScheduleKind)
 OptimizerName = Literal["sgd", "adamw", "lars", "lamb"]
 OPTIMIZERS: tuple[str, ...] = get_args(OptimizerName)
 
+# How torch's SGD/AdamW run their update over the parameters: "fused" in one kernel per group
+# (and, under the fp16 gradient scaler, without reading the overflow flag on the host),
+# "foreach" in multi-tensor kernels, "for-loop" a few kernels per tensor; "auto": fused on CUDA,
+# torch's own choice elsewhere. timm's LARS and LAMB have one implementation: auto only.
+Implementation = Literal["auto", "fused", "foreach", "for-loop"]
+IMPLEMENTATIONS: tuple[str, ...] = get_args(Implementation)
+
 
 def build_optimizer(
     model: nn.Module,
@@ -42,6 +49,7 @@ def build_optimizer(
     eps: float = 1e-8,
     decay_norm_and_bias: bool = True,
     head: str | None = None,
+    implementation: Implementation = "auto",
 ) -> torch.optim.Optimizer:
     """The optimizer ``name`` over ``model``'s trainable parameters. ``momentum``/``nesterov``
     apply to sgd and lars, ``betas``/``eps`` to adamw and lamb (lars uses ``eps`` too).
@@ -52,14 +60,30 @@ def build_optimizer(
     LAMB then skip their trust ratio on those too (timm: adaptation only where decay applies).
     ``head``: the classifier's module name (``fc``); its parameters get groups of their own and
     every other group is marked ``backbone`` (its ``lr_scale`` can freeze it, see set_lr).
+    ``implementation``: how sgd/adamw update (see Implementation), for the device the
+    parameters are on.
     """
     groups = _parameter_groups(model, decay_norm_and_bias, head)
-    if name == "sgd":
-        return torch.optim.SGD(
-            groups, lr=lr, momentum=momentum, weight_decay=weight_decay, nesterov=nesterov
+    if name in ("sgd", "adamw"):
+        device = next((p.device for g in groups for p in g["params"]), torch.device("cpu"))
+        kernels = kernel_options(implementation, device)
+        if name == "sgd":
+            return torch.optim.SGD(
+                groups,
+                lr=lr,
+                momentum=momentum,
+                weight_decay=weight_decay,
+                nesterov=nesterov,
+                **kernels,
+            )
+        return torch.optim.AdamW(
+            groups, lr=lr, betas=betas, eps=eps, weight_decay=weight_decay, **kernels
         )
-    if name == "adamw":
-        return torch.optim.AdamW(groups, lr=lr, betas=betas, eps=eps, weight_decay=weight_decay)
+    if implementation != "auto":
+        raise ValueError(
+            f"optimizer {name!r} has one implementation (timm's); implementation="
+            f"{implementation!r} applies to sgd and adamw: use auto"
+        )
     from timm.optim import Lamb, Lars  # only runs that pick them pay for importing timm
 
     if name == "lars":
@@ -69,6 +93,17 @@ def build_optimizer(
     if name == "lamb":
         return Lamb(groups, lr=lr, betas=betas, eps=eps, weight_decay=weight_decay)
     raise ValueError(f"optimizer {name!r} is unknown; use one of {OPTIMIZERS}")
+
+
+def kernel_options(implementation: Implementation, device: torch.device) -> dict[str, bool]:
+    """torch.optim's ``fused``/``foreach`` arguments for ``implementation`` on ``device``."""
+    if implementation not in IMPLEMENTATIONS:
+        raise ValueError(f"implementation {implementation!r} is unknown; use {IMPLEMENTATIONS}")
+    if implementation == "auto":
+        return {"fused": True} if device.type == "cuda" else {}
+    if implementation == "fused":
+        return {"fused": True}
+    return {"foreach": implementation == "foreach"}
 
 
 def _parameter_groups(

@@ -63,6 +63,7 @@ def test_without_cuda_the_command_prints_one_line_and_succeeds(capsys):
         (["--decode-cpus", "0"], "--decode-cpus 0 must be >= 1"),
         (["--model", "resnet20"], "'resnet20' is a CIFAR net"),
         (["--model", "vgg16"], "--model 'vgg16'"),
+        (["--levers", "turbo"], "--levers 'turbo': use standard, all, or some of eager,"),
     ],
 )
 def test_bad_arguments_exit_2_with_or_without_cuda(capsys, argv, message):
@@ -117,6 +118,53 @@ def test_ceiling_target_line_reads_like_the_ratio_targets():
     assert gpu.ceiling_target_line(10.0).endswith("missed (10 img/s)")
 
 
+def _lever_args(levers: str) -> argparse.Namespace:
+    parser = argparse.ArgumentParser()
+    gpu.add_parser(parser.add_subparsers())
+    return parser.parse_args(
+        [
+            "gpu", "--levers", levers, "--batch-size", "2", "--steps", "2", "--warmup", "1",
+            "--model", "resnet18", "--image-size", "32", "--precision", "fp32",
+        ]
+    )  # fmt: skip
+
+
+def test_levers_print_each_row_and_its_ratio_to_eager(capsys):
+    """The eager rows, tiny, on a CPU (the compiled ones run the step tests/test_step_levers.py
+    compiles; here their configs are checked below)."""
+    rates = gpu.run_levers(_lever_args("eager_batch_x2,eager_fused"), torch.device("cpu"))
+    assert list(rates) == ["eager", "eager_fused", "eager_batch_x2"]  # baseline first
+    out = capsys.readouterr().out
+    assert "resnet18 on CPU, batch 2, 32px, fp32, channels_last" in out
+    assert re.search(r"^  eager_batch_x2 +\d+\.\d img/s +\d+\.\d\dx  .*\(batch 4\)$", out, re.M)
+    for name in ("eager_fused", "eager_batch_x2"):
+        assert re.search(rf"^ratio {name}/eager: \d+\.\d\dx$", out, re.M), out
+
+
+def test_each_lever_turns_on_what_it_names():
+    assert gpu.chosen_levers("standard") == gpu.LEVERS
+    assert len(gpu.chosen_levers("all")) == len(gpu.LEVERS) + len(gpu.MORE_LEVERS)
+    assert [lever.name for lever in gpu.chosen_levers("max_autotune")] == ["eager", "max_autotune"]
+    base = _e2e_config()
+    levers = {lever.name: lever for lever in gpu.LEVERS + gpu.MORE_LEVERS}
+    settings = {
+        name: (c.train.compile, c.train.compile_mode, c.optim.implementation, c.train.global_batch)
+        for name, c in ((name, gpu.lever_config(base, lever)) for name, lever in levers.items())
+    }
+    assert settings["eager"] == (False, "default", "foreach", 8)
+    assert settings["eager_fused"] == (False, "default", "fused", 8)
+    assert settings["eager_batch_x2"] == (False, "default", "fused", 16)
+    assert settings["compiled"] == (True, "default", "fused", 8)
+    assert settings["reduce_overhead"] == (True, "reduce-overhead", "fused", 8)
+    assert settings["max_autotune"] == (True, "max-autotune-no-cudagraphs", "fused", 8)
+    assert not levers["compiled_norm_outside"].normalize_in_graph
+    assert levers["eager_cudnn_benchmark"].cudnn_benchmark
+    # The compiled levers' step: build_training compiles the forward in the lever's mode.
+    config = gpu.lever_config(base, levers["reduce_overhead"])
+    step = build_training(config, gpu.synthetic_manifest(5, 64), torch.device("cpu")).step
+    assert (step.compile_mode, step.optimizer.defaults["fused"]) == ("reduce-overhead", True)
+
+
 @pytest.mark.slow
 def test_the_whole_bench_runs_tiny_on_a_cpu(tmp_path, capsys, monkeypatch):
     """Everything but CUDA: shards from JPEGs, the ceiling, the training job with the device
@@ -164,3 +212,15 @@ def test_tiny_gpu_bench_prints_both_ratios_and_the_targets(tmp_path, compile):
     run = subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
     assert run.returncode == 0, run.stderr[-3000:]
     _assert_bench_lines(run.stdout)
+
+
+@pytest.mark.gpu
+def test_tiny_gpu_levers_print_every_standard_row():
+    command = [
+        sys.executable, "-m", "pipelines.bench", "gpu", "--levers", "--batch-size", "8",
+        "--steps", "5", "--warmup", "3", "--model", "resnet18", "--image-size", "64",
+    ]  # fmt: skip
+    run = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=900)
+    assert run.returncode == 0, run.stderr[-3000:]
+    for lever in gpu.LEVERS[1:]:
+        assert re.search(rf"^ratio {lever.name}/eager: \d+\.\d\dx$", run.stdout, re.M), run.stdout

@@ -19,6 +19,7 @@ from PIL import Image
 
 from pipelines import data
 from pipelines.config import ConfigError, DataConfig, JobConfig, validate
+from pipelines.job.hybrid import HybridDecode
 from pipelines.manifest import read_manifest
 from pipelines.prepare import main as prepare_main
 from resnet_core import transforms
@@ -258,12 +259,77 @@ def _validate(**data_options) -> None:
 
 def test_config_validates_decode_device():
     _validate(decode_device="device", augment="inception", image_size=224, eval_resize=256)
+    _validate(decode_device="auto", augment="paper", hybrid_cpu_share=0.0)
     with pytest.raises(ConfigError, match=r"data.decode_device='gpu'; use one of: cpu, device"):
         _validate(decode_device="gpu")
     with pytest.raises(
         ConfigError, match=r"data.augment='cifar' reads 32x32 images whole: use data.decode_device"
     ):
-        _validate(decode_device="device", augment="cifar")
+        _validate(decode_device="auto", augment="cifar")
+    with pytest.raises(ConfigError, match=r"data.hybrid_cpu_share=1.5 must be in \[0, 1\]"):
+        _validate(decode_device="auto", augment="paper", hybrid_cpu_share=1.5)
+
+
+# ---------------------------------------------------------------------------------------------
+# Hybrid decode (data.decode_device=auto): the tasks decode a share of the map batches
+# ---------------------------------------------------------------------------------------------
+
+
+def _map_batches(uri: str, rows: int, **options) -> list[dict[str, np.ndarray]]:
+    """A decode task over all ``rows`` of a shard in map batches of 4 (training, paper)."""
+    chunk = {"uri": [uri], "start": [0], "stop": [rows], "base": [0], "copy": [0]}
+    chunk = {key: np.asarray(value) for key, value in chunk.items()}
+    options = data.DecodeOptions(
+        mode="paper", image_size=IMAGE_SIZE, map_batch_rows=4, task_rows=rows, **options
+    )
+    return list(data._decode_chunk(chunk, options=options, seed=0, epoch=0))
+
+
+def test_hybrid_decode_sends_map_batches_to_the_cpu_by_their_keys_with_the_same_crops(tmp_path):
+    datas = [_photo(i, 120 + 10 * i, 100 + 5 * i) for i in range(32)]
+    uri = write_shard(tmp_path / "s.parquet", datas, row_group_size=8)
+    cpu = _map_batches(uri, 32)
+    device = _map_batches(uri, 32, device="cpu")
+    hybrid = _map_batches(uri, 32, device="cpu", cpu_share=0.5)
+    assert all(_map_batches(uri, 32, device="cpu", cpu_share=1.0)[0]["raw"])
+    on_cpu = [bool(batch["raw"].all()) for batch in hybrid]
+    assert True in on_cpu  # 8 map batches: each way at least once
+    assert False in on_cpu
+    for ours, theirs, planned, raw in zip(hybrid, cpu, device, on_cpu, strict=True):
+        assert ours["key"].tolist() == theirs["key"].tolist()
+        if raw:  # the CPU path's pixels exactly, shipped as raw rows
+            assert [bytes(b) for b in ours["image"]] == [i.tobytes() for i in theirs["image"]]
+        else:  # planned for the device: the device path's rows exactly
+            np.testing.assert_array_equal(ours["box"], planned["box"])
+            assert ours["image"].tolist() == planned["image"].tolist()
+    # The worker turns both kinds into one batch within the device path's tolerance.
+    encoded = data._ToEncoded(pin_memory=False)(
+        {k: np.concatenate([b[k] for b in hybrid]) for k in hybrid[0]}
+    )
+    batch = data._decode_on_worker(encoded, size=IMAGE_SIZE, device=torch.device("cpu"), train=True)
+    expected = np.concatenate([b["image"] for b in cpu])
+    assert _mad(batch.images, torch.from_numpy(expected)) < MAD_DEVICE
+
+
+def test_hybrid_share_moves_towards_the_side_that_kept_the_other_waiting():
+    balance = HybridDecode(0.5)
+    balance.epoch_started -= 10.0  # a 10 s epoch
+    cpu = torch.device("cpu")
+    assert (
+        balance.rebalance(data.DecodeWaits(stream_s=0.02, decode_s=0.0), cpu) == 0.5
+    )  # both keep up
+    assert balance.rebalance(data.DecodeWaits(stream_s=0.0, decode_s=1.0), cpu) == pytest.approx(
+        0.6, abs=1e-3
+    )
+    assert balance.rebalance(data.DecodeWaits(stream_s=9.0, decode_s=0.0), cpu) == pytest.approx(
+        0.35, abs=1e-3
+    )
+    for _ in range(3):
+        balance.rebalance(data.DecodeWaits(stream_s=9.0, decode_s=0.0), cpu)
+    assert balance.share == 0.0  # clamped
+    restored = HybridDecode(0.5)
+    restored.load_state_dict(balance.state_dict())
+    assert restored.share == 0.0
 
 
 # ---------------------------------------------------------------------------------------------
@@ -316,6 +382,36 @@ def test_iter_batches_decodes_on_the_worker_like_the_cpu_path(manifest, mode):
         assert torch.equal(mine.labels, theirs.labels)
         assert mine.images.shape == theirs.images.shape
         assert 0 < _mad(mine.images, theirs.images) < MAD_DEVICE  # > 0: another decoder
+
+
+def test_a_prefetched_hybrid_epoch_is_the_epoch_and_stops_when_closed(manifest, tmp_path):
+    options = data.DecodeOptions(
+        mode="paper", image_size=IMAGE_SIZE, map_batch_rows=4, task_rows=8, shuffle_buffer=8,
+        device="cpu", cpu_share=0.5,
+    )  # fmt: skip
+    where = {"split": "train", "world_size": 1, "rank": 0, "epoch": 0, "seed": 0}
+
+    def epoch() -> data.EpochBatches:
+        return data.iter_batches(manifest, options, batch_size=4, **where)
+
+    direct = list(epoch().batches())
+    ahead = data.Prefetched(epoch())
+    fetched = list(ahead.batches())
+    assert [b.keys for b in fetched] == [b.keys for b in direct]
+    for mine, theirs in zip(fetched, direct, strict=True):  # hybrid decode is deterministic
+        assert torch.equal(mine.images, theirs.images)
+    assert ahead.waits.stream_s > 0  # the consumer's waits are measured by cause
+    early = data.Prefetched(epoch(), depth=1)
+    next(early.batches())
+    early.close()
+    assert not early._thread.is_alive()
+    # A failure in the helper thread reaches the consumer.
+    missing = data.EpochPlan.create(
+        [(str(tmp_path / "gone.parquet"), 6)], split="train", train=True, world_size=1, rank=0,
+        epoch=0, seed=0, batch_size=3,
+    )  # fmt: skip
+    with pytest.raises(data.ShardUnreadable, match=r"gone\.parquet"):
+        list(data.Prefetched(data.EpochBatches(missing, options)).batches())
 
 
 def test_iter_batches_device_path_resumes_mid_epoch(manifest):

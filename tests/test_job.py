@@ -5,6 +5,8 @@ final model from a compiled net, and resnet-eval on the run's checkpoints."""
 from __future__ import annotations
 
 import dataclasses
+import gzip
+import json
 import math
 import sys
 from pathlib import Path
@@ -18,11 +20,12 @@ from mlflow.tracking import MlflowClient
 from PIL import Image
 
 from pipelines import evaluate, predict, shards, tracking
-from pipelines.config import JobConfig, validate
+from pipelines.config import ConfigError, JobConfig, validate
 from pipelines.data import read_split_keys
 from pipelines.job.checkpoints import CHECKPOINT_NAME
 from pipelines.job.checks import check_dataset
 from pipelines.job.runner import Extension, TrainLoopRunner
+from pipelines.job.startup import PHASES
 from pipelines.job.trainer import run_training
 from pipelines.recipes import build_recipe
 from pipelines.synthetic import SyntheticSpec
@@ -50,10 +53,11 @@ class StepCounter(Extension):
 
     def __init__(self) -> None:
         self.before = self.after = 0
-        self.model_type = ""
+        self.trained = ""
 
     def setup(self, runner: TrainLoopRunner) -> None:
-        self.model_type = type(runner.training.model).__name__
+        step = runner.training.step
+        self.trained = f"{type(runner.training.model).__name__}, compile {step.compile_mode}"
 
     def before_step(self, runner: TrainLoopRunner) -> None:
         assert runner.step == self.before  # called before the step is counted
@@ -67,7 +71,7 @@ class StepCounter(Extension):
         metrics["ext/steps_seen"] = self.after
 
     def state_dict(self) -> dict[str, Any]:
-        return {"before": self.before, "after": self.after, "model_type": self.model_type}
+        return {"before": self.before, "after": self.after, "trained": self.trained}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self.before, self.after = state["before"], state["after"]
@@ -118,9 +122,17 @@ def _config(dataset: str, storage: Path, **train: Any) -> JobConfig:
 
 @pytest.fixture(scope="module")
 def compiled_run(dataset, mlflow_uri, tmp_path_factory) -> tuple[JobConfig, dict[str, Any]]:
-    """The compiled run, its worker failing once after the checkpoint at step 4."""
+    """The compiled run, its worker failing once after the checkpoint at step 4; steps 2-3
+    profiled, system metrics sampled every 0.2 s."""
     storage = tmp_path_factory.mktemp("runs")
-    config = _config(dataset, storage, compile=True, export_onnx=True)
+    config = _config(
+        dataset,
+        storage,
+        compile=True,
+        export_onnx=True,
+        profile_steps=(2, 2),
+        system_metrics_interval_s=0.2,
+    )
     manifest, plan = check_dataset(config)
     marker = str(tmp_path_factory.mktemp("marker") / "failed")
     metrics = run_training(config, manifest, plan, [StepCounter(), FailOnce(marker)])
@@ -146,6 +158,33 @@ def test_a_compiled_run_fails_once_and_resumes_exactly(compiled_run, mlflow_uri)
     assert math.isfinite(metrics["val/top1"])
 
 
+def test_a_run_logs_its_workers_system_metrics_and_a_profiled_steps_trace(
+    compiled_run, mlflow_uri, dataset, tmp_path
+):
+    _, metrics = compiled_run
+    run_id = metrics["mlflow_run_id"]
+    client = MlflowClient(tracking_uri=mlflow_uri)
+    system = [k for k in client.get_run(run_id).data.metrics if k.startswith("system/")]
+    assert "system/worker_0/cpu_utilization_percentage" in system
+    assert "system/worker_0/system_memory_usage_megabytes" in system
+    assert {k.split("/")[1] for k in system} == {"worker_0"}
+    memory = client.get_metric_history(run_id, "system/worker_0/system_memory_usage_megabytes")
+    assert memory
+    assert all(0 < m.step <= EPOCHS * STEPS_PER_EPOCH and m.value > 0 for m in memory)
+    # Rank 0's trace of steps 2-3, from before the failure (the resumed attempt starts at 4).
+    trace = Path(client.download_artifacts(run_id, "profile/trace_rank0.json.gz", str(tmp_path)))
+    events = json.loads(gzip.decompress(trace.read_bytes()))["traceEvents"]
+    names = {e.get("name", "") for e in events}
+    assert {n for n in names if n.startswith("ProfilerStep#")} == {
+        "ProfilerStep#2",
+        "ProfilerStep#3",
+    }
+    assert any(n.startswith("aten::") for n in names)
+    # A window past the run's last step is refused before Ray is asked for anything.
+    with pytest.raises(ConfigError, match=r"ends at step 7, after the run's last step \(6\)"):
+        check_dataset(_config(dataset, tmp_path, profile_steps=(6, 2)))
+
+
 def test_checkpoints_of_a_compiled_run_hold_the_bare_nets_keys(compiled_run):
     config, _ = compiled_run
     folders = sorted(Path(config.run.storage_path, config.run_name).glob("checkpoint-*"))
@@ -155,11 +194,11 @@ def test_checkpoints_of_a_compiled_run_hold_the_bare_nets_keys(compiled_run):
     assert not [k for k in state["model"] if k.startswith(("_orig_mod.", "module."))]
     net = create_model("resnet8", num_classes=CLASSES)
     net.load_state_dict(state["model"])  # strict
-    # Trained compiled (torch.compile's wrapper), saved as the plain net.
+    # Trained with a compiled step around the plain net, saved as the plain net.
     assert state["extra"]["step_counter"] == {
         "before": 6,
         "after": 6,
-        "model_type": "OptimizedModule",
+        "trained": "CifarResNet, compile default",
     }
 
 
@@ -396,7 +435,9 @@ class CropSizes(Extension):
 
 def test_progressive_resizing_trains_each_epoch_at_its_crop_size(ray_local, mlflow_uri, tmp_path):
     """ImageNet-like images, Inception crops growing from 32 px (epoch 1) to 64 px (epoch 2);
-    validation stays at 64."""
+    validation stays at 64. Decoded the hybrid way (data.decode_device=auto: the tasks decode
+    half of the map batches, the worker's device the rest), its share logged; the start-up
+    split logged; system metrics off."""
     out = tmp_path / "photos"
     spec = SyntheticSpec(CLASSES, 8, 2, "imagenet")
     assert shards.write_dataset(shards.prepare_config("synthetic", str(out), synthetic=spec)) == 0
@@ -411,7 +452,9 @@ def test_progressive_resizing_trains_each_epoch_at_its_crop_size(ray_local, mlfl
             eval_resize=72,
             min_image_size=32,
             ramp_end_epoch=1,
+            decode_device="auto",
         ),
+        train=dataclasses.replace(base.train, system_metrics=False),
         run=dataclasses.replace(base.run, name="progressive"),
     )
     validate(config)
@@ -424,3 +467,13 @@ def test_progressive_resizing_trains_each_epoch_at_its_crop_size(ray_local, mlfl
     assert sorted({(m.step, m.value) for m in logged})[-1] == (8, 64)
     assert sorted({m.value for m in logged}) == [32, 64]
     assert metrics["val/count"] == CLASSES * 2
+    shares = client.get_metric_history(metrics["mlflow_run_id"], "data/hybrid_cpu_share")
+    assert shares
+    assert all(0 <= m.value <= 1 for m in shares)
+    # Where the start-up went, once, with the first report; no system metrics when switched off.
+    logged = client.get_run(metrics["mlflow_run_id"]).data.metrics
+    assert not [key for key in logged if key.startswith("system/")]
+    phases = [logged[f"startup/{phase}_s"] for phase in PHASES]
+    assert all(seconds >= 0 for seconds in phases)
+    assert logged["startup/worker_group_s"] > 0  # Ray Train starts its workers
+    assert sum(phases) == pytest.approx(logged["startup/total_s"], abs=0.01)

@@ -192,3 +192,82 @@ def test_set_lr_writes_every_group():
     )
     set_lr(optimizer, 0.02)
     assert [g["lr"] for g in optimizer.param_groups] == [0.02, 0.02]
+
+
+# ---------------------------------------------------------------------------------------------
+# How the update runs over the parameters (optim.implementation)
+# ---------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("name", ["sgd", "adamw"])
+@pytest.mark.parametrize(
+    ("implementation", "fused", "foreach"),
+    [
+        ("fused", True, None),
+        ("foreach", None, True),
+        ("for-loop", None, False),
+        ("auto", None, None),
+    ],
+)
+def test_the_implementation_reaches_torchs_optimizer(name, implementation, fused, foreach):
+    model = create_model("resnet8", num_classes=10)
+    optimizer = build_optimizer(
+        model, name, lr=0.1, weight_decay=1e-4, implementation=implementation
+    )
+    # auto on a CPU: torch's own choice (neither asked for); fused is what auto picks on CUDA.
+    assert (optimizer.defaults["fused"], optimizer.defaults["foreach"]) == (fused, foreach)
+
+
+def test_auto_is_fused_on_cuda_and_torchs_default_elsewhere():
+    from resnet_core.optim import kernel_options
+
+    assert kernel_options("auto", torch.device("cuda")) == {"fused": True}
+    assert kernel_options("auto", torch.device("cpu")) == {}
+    assert kernel_options("for-loop", torch.device("cuda")) == {"foreach": False}
+    with pytest.raises(ValueError, match="implementation 'fast' is unknown"):
+        kernel_options("fast", torch.device("cpu"))
+
+
+@pytest.mark.parametrize(
+    ("name", "options"),
+    [("sgd", {"momentum": 0.9, "nesterov": True}), ("adamw", {"betas": (0.9, 0.99)})],
+)
+def test_fused_foreach_and_for_loop_take_the_same_steps(name, options):
+    """The kernels differ, the arithmetic does not: three steps of a BatchNorm net (weights
+    decayed, norms and biases not) end at the same weights within float rounding (a step moves
+    a weight by up to the learning rate, 5e-2; the tolerance is 1e-5)."""
+    images = torch.randn(8, 3, 32, 32, generator=torch.Generator().manual_seed(0))
+    labels = torch.arange(8) % 10
+    weights = {}
+    for implementation in ("for-loop", "foreach", "fused"):
+        torch.manual_seed(0)
+        model = create_model("resnet8", num_classes=10)
+        start = model.conv1.weight.detach().clone()
+        optimizer = build_optimizer(
+            model, name, lr=0.05, weight_decay=1e-3, decay_norm_and_bias=False,
+            implementation=implementation, **options,
+        )  # fmt: skip
+        for _ in range(3):
+            optimizer.zero_grad()
+            nn.functional.cross_entropy(model(images), labels).backward()
+            optimizer.step()
+        weights[implementation] = [p.detach().clone() for p in model.parameters()]
+    assert (weights["for-loop"][0] - start).abs().max() > 1e-3  # the steps moved the weights
+    for implementation in ("foreach", "fused"):
+        for a, b in zip(weights["for-loop"], weights[implementation], strict=True):
+            torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("name", ["lars", "lamb"])
+def test_lars_and_lamb_have_one_implementation(name):
+    model = create_model("resnet8", num_classes=10)
+    assert build_optimizer(model, name, lr=0.1, weight_decay=0.0, implementation="auto")
+    with pytest.raises(ValueError, match=f"optimizer '{name}' has one implementation"):
+        build_optimizer(model, name, lr=0.1, weight_decay=0.0, implementation="fused")
+
+
+@pytest.mark.gpu
+def test_auto_runs_fused_on_a_cuda_model():
+    model = create_model("resnet8", num_classes=10).cuda()
+    optimizer = build_optimizer(model, "sgd", lr=0.1, weight_decay=1e-4)
+    assert optimizer.defaults["fused"] is True

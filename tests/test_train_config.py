@@ -76,6 +76,9 @@ def test_overrides_parse_with_the_field_types():
             "model.shortcut=B",
             "data.decode_concurrency=none",
             "run.name=my-run.1",
+            "train.profile_steps=20,5",
+            "train.system_metrics=off",
+            "train.system_metrics_interval_s=0.5",
         ],
     )
     assert config.optim.lr == 0.05
@@ -90,15 +93,20 @@ def test_overrides_parse_with_the_field_types():
     assert config.model.shortcut == "B"
     assert config.data.decode_concurrency is None
     assert config.run_name == "my-run.1"
+    assert config.train.profile_steps == (20, 5)
+    assert config.train.system_metrics is False
+    assert config.train.system_metrics_interval_s == 0.5
     _validate(config)
 
 
 def test_optional_values_go_back_to_none_and_tuples_to_empty():
     config = apply_overrides(
-        build_recipe("cifar-paper"), ["train.max_steps=None", "schedule.milestones=()"]
+        build_recipe("cifar-paper"),
+        ["train.max_steps=None", "schedule.milestones=()", "train.profile_steps="],
     )
     assert config.train.max_steps is None
     assert config.schedule.milestones == ()
+    assert config.train.profile_steps == ()
 
 
 def test_later_overrides_win():
@@ -162,6 +170,16 @@ def test_bad_overrides_give_one_line_naming_the_value(override, message):
         ),
         (["run.registered_model=a:b"], "Names cannot contain '/' or ':'"),
         (["run.experiment="], "run.experiment='' is not a valid MLflow experiment name"),
+        (
+            ["train.system_metrics_interval_s=0"],
+            "train.system_metrics_interval_s=0.0 must be positive",
+        ),
+        (["train.profile_steps=5"], "train.profile_steps=(5,) must be two positive numbers"),
+        (["train.profile_steps=0,3"], "train.profile_steps=(0, 3) must be two positive numbers"),
+        (
+            ["train.max_steps=10", "train.profile_steps=8,5"],
+            "train.profile_steps=(8, 5) ends at step 12, after train.max_steps=10",
+        ),
     ],
 )
 def test_validation_names_the_bad_value(overrides, message):

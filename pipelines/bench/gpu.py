@@ -3,12 +3,14 @@ job fed from JPEG shards, for each decode path, in one run.
 
     resnet-bench gpu --images /work/shared/data/imagenet-sample
     resnet-bench gpu --images DIR --compile --decode device --decode-cpus 4
+    resnet-bench gpu --levers            # the step's speed levers side by side (no shards)
 
 - ``synthetic_ceiling``: a bare loop in this process on one random uint8 (N, 224, 224, 3) batch
   already on the GPU, calling the job's own training step (:func:`pipelines.job.parts.
   build_training`: normalise -> the job's model (``imagenet-fast``: ResNet-50 v1.5, zero-init
-  residual BN) -> label-smoothed loss -> SGD step, with the job's bf16 autocast, channels_last
-  and optional ``torch.compile``). No input pipeline: what the GPU can do.
+  residual BN) -> label-smoothed loss -> SGD step, with the job's bf16 autocast, channels_last,
+  fused SGD, and with ``--compile`` the step's compiled forward). No input pipeline: what the
+  GPU can do.
 - ``e2e_cpu`` / ``e2e_device``: the training job itself (:func:`pipelines.job.trainer.run_training`, one
   GPU worker reserving 2 CPUs, the same model, batch and settings) on shards that resnet-prepare
   writes from ``--images`` (repeated to ``--steps x --batch-size`` training rows), Inception crops
@@ -21,16 +23,22 @@ job fed from JPEG shards, for each decode path, in one run.
 Prints ``ratio e2e_<path>/synthetic_ceiling`` per path and the issue's targets: end to end >= 0.9x
 the ceiling of the same run, and a ceiling >= 3,000 img/s (one H200, ResNet-50, bf16). Where no
 CUDA device exists it prints one line and exits 0.
+
+``--levers`` prints instead the ceiling under each speed lever of the step (:data:`LEVERS`:
+fused vs foreach SGD, cudnn.benchmark, twice the batch, compile modes, normalisation in or out
+of the compiled graph), each as ``ratio <lever>/eager``; ``--levers all`` adds the rows that
+cost minutes of compiling (:data:`MORE_LEVERS`), ``--levers a,b`` picks rows.
 """
 
 from __future__ import annotations
 
 import argparse
+import gc
 import os
 import tempfile
 import time
 from collections.abc import Callable
-from dataclasses import replace
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import torch
@@ -48,7 +56,7 @@ from pipelines.bench.common import (
 from pipelines.config import ConfigError, JobConfig, validate
 from pipelines.job.parts import build_training
 from pipelines.job.session import local_cpus, ray_session
-from pipelines.manifest import Manifest, read_manifest
+from pipelines.manifest import Manifest, ShardInfo, SplitInfo, read_manifest
 from pipelines.recipes import build_recipe
 from resnet_core.models import is_cifar_model
 
@@ -69,7 +77,14 @@ def add_parser(commands: argparse._SubParsersAction) -> None:
     p.add_argument("--batch-size", type=int, default=256, help="images per step (one GPU)")
     p.add_argument("--steps", type=int, default=100, help="steps per run, warm-up included")
     p.add_argument("--warmup", type=int, default=20, help="steps left out of the steady state")
-    p.add_argument("--compile", action="store_true", help="torch.compile the model (all runs)")
+    p.add_argument("--compile", action="store_true", help="torch.compile the step (all runs)")
+    p.add_argument(
+        "--levers",
+        nargs="?",
+        const="standard",
+        help="instead: the ceiling under each speed lever, side by side (no shards, no Ray); "
+        f"'all' adds minutes of max-autotune; or some of: {','.join(LEVER_NAMES)}",
+    )
     p.add_argument(
         "--no-channels-last", action="store_true", help="keep NCHW memory (default: NHWC)"
     )
@@ -96,6 +111,9 @@ def run(args: argparse.Namespace) -> None:
     if not torch.cuda.is_available():
         print(SKIP_LINE, flush=True)
         return
+    if args.levers:
+        run_levers(args, torch.device("cuda"))
+        return
     if args.images is None:
         raise BenchError("--images is missing: pass a folder of JPEGs for the end-to-end shards")
     run_gpu_bench(args, Path(args.images), torch.device("cuda"))
@@ -118,6 +136,8 @@ def check_args(args: argparse.Namespace) -> None:
         raise BenchError(f"--model {args.model!r}: {e}") from None
     if cifar:
         raise BenchError(f"--model {args.model!r} is a CIFAR net; use an ImageNet one (resnet50)")
+    if args.levers:
+        chosen_levers(args.levers)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -296,18 +316,28 @@ def measure_all(
 
 
 def ceiling(
-    config: JobConfig, manifest: Manifest, device: torch.device, *, steps: int, warmup: int
+    config: JobConfig,
+    manifest: Manifest,
+    device: torch.device,
+    *,
+    steps: int,
+    warmup: int,
+    normalize_in_graph: bool = True,
 ) -> float:
-    """The synthetic ceiling of ``config``'s model, batch, precision, layout and compile setting
-    on ``device`` in this process: the job's own training step on one resident batch. Frees the
-    GPU memory it used (the Train worker is another process)."""
+    """The synthetic ceiling of ``config``'s model, batch, precision, layout, compile and
+    optimizer settings on ``device`` in this process: the job's own training step on one
+    resident batch. Frees the memory it used, compiled graphs included (the Train worker is
+    another process; the next lever starts clean)."""
     t, d = config.train, config.data
     training = build_training(config, manifest, device)
+    training.step.normalize_in_graph = normalize_in_graph
     images, labels = synthetic_batch(t.global_batch, d.image_size, manifest.num_classes, device)
     try:
         return measure_ceiling(training.step, images, labels, steps=steps, warmup=warmup)
     finally:
         del training, images, labels
+        torch._dynamo.reset()  # compiled graphs and CUDA-graph memory pools
+        gc.collect()  # the step and its compiled forward hold each other
         if device.type == "cuda":
             torch.cuda.empty_cache()
 
@@ -316,3 +346,136 @@ def ceiling_target_line(rate: float) -> str:
     """``target synthetic_ceiling >= 3000 img/s: met (3120 img/s)``."""
     verdict = "met" if rate >= TARGET_CEILING else "missed"
     return f"target {CEILING} >= {TARGET_CEILING:g} img/s: {verdict} ({rate:.0f} img/s)"
+
+
+# ---------------------------------------------------------------------------------------------
+# The levers: the ceiling under each speed setting of the step, side by side
+# ---------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Lever:
+    """One ``--levers`` row: the ceiling with these settings; model, precision and layout are
+    the run's (``--model``, ``--precision``, ``--no-channels-last``)."""
+
+    name: str
+    what: str
+    compile_mode: str | None = None  # train.compile_mode; None: eager
+    optimizer: str = "fused"  # optim.implementation
+    normalize_in_graph: bool = True  # False: normalised eagerly before the compiled graph
+    batch_factor: int = 1  # the batch is --batch-size times this
+    cudnn_benchmark: bool = False
+
+
+BASELINE_LEVER = "eager"
+LEVER_CLASSES = 1000  # ImageNet's classifier
+LEVERS = (
+    Lever(BASELINE_LEVER, "eager, foreach SGD (torch's default on CUDA)", optimizer="foreach"),
+    Lever("eager_fused", "eager, fused SGD"),
+    Lever("eager_cudnn_benchmark", "eager, fused SGD, cudnn.benchmark", cudnn_benchmark=True),
+    Lever("eager_batch_x2", "eager, fused SGD, twice the batch", batch_factor=2),
+    Lever("compiled", "compile default: normalise + model + loss in one graph", "default"),
+    Lever(
+        "compiled_norm_outside",
+        "compile default, normalised eagerly before the graph",
+        "default",
+        normalize_in_graph=False,
+    ),
+    Lever("reduce_overhead", "compile reduce-overhead: CUDA graphs", "reduce-overhead"),
+)
+MORE_LEVERS = (  # minutes of compiling each
+    Lever("compiled_foreach", "compile default, foreach SGD", "default", optimizer="foreach"),
+    Lever("compiled_batch_x2", "compile default, twice the batch", "default", batch_factor=2),
+    Lever("max_autotune", "compile max-autotune-no-cudagraphs", "max-autotune-no-cudagraphs"),
+)
+LEVER_NAMES = tuple(lever.name for lever in LEVERS + MORE_LEVERS)
+
+
+def chosen_levers(spec: str) -> tuple[Lever, ...]:
+    """``standard``, ``all`` or a comma list of names; the baseline always runs first."""
+    if spec == "standard":
+        return LEVERS
+    if spec == "all":
+        return LEVERS + MORE_LEVERS
+    names = [name.strip() for name in spec.split(",") if name.strip()]
+    unknown = [name for name in names if name not in LEVER_NAMES]
+    if unknown or not names:
+        raise BenchError(
+            f"--levers {spec!r}: use standard, all, or some of {', '.join(LEVER_NAMES)}"
+        )
+    picked = {BASELINE_LEVER, *names}
+    return tuple(lever for lever in LEVERS + MORE_LEVERS if lever.name in picked)
+
+
+def lever_config(base: JobConfig, lever: Lever) -> JobConfig:
+    """``base`` (the ceiling's config) with ``lever``'s compile, optimizer and batch."""
+    t = base.train
+    return replace(
+        base,
+        optim=replace(base.optim, implementation=lever.optimizer),
+        train=replace(
+            t,
+            global_batch=t.global_batch * lever.batch_factor,
+            compile=lever.compile_mode is not None,
+            compile_mode=lever.compile_mode or "default",
+        ),
+    )
+
+
+def synthetic_manifest(num_classes: int, train_rows: int) -> Manifest:
+    """A manifest with no files behind it: the classes and split size the step needs."""
+    split = SplitInfo(train_rows, (ShardInfo("train/none.parquet", train_rows, 1, "0" * 64),))
+    names = tuple(f"class{i}" for i in range(num_classes))
+    splits = {"train": split, "val": split}
+    return Manifest("synthetic", "synthetic", names, names, splits, None, 95, None, None, None,
+                    "0" * 64, {})  # fmt: skip
+
+
+def measure_levers(
+    base: JobConfig, levers: tuple[Lever, ...], device: torch.device, *, steps: int, warmup: int
+) -> dict[str, float]:
+    """Images/s of the ceiling under each lever, one after the other in this process."""
+    manifest = synthetic_manifest(LEVER_CLASSES, base.train.global_batch * steps * 2)
+    rates = {}
+    for lever in levers:
+        config = lever_config(base, lever)
+        previous = torch.backends.cudnn.benchmark
+        torch.backends.cudnn.benchmark = lever.cudnn_benchmark
+        try:
+            rates[lever.name] = ceiling(
+                config, manifest, device, steps=steps, warmup=warmup,
+                normalize_in_graph=lever.normalize_in_graph,
+            )  # fmt: skip
+        finally:
+            torch.backends.cudnn.benchmark = previous
+        ratio = rates[lever.name] / rates[BASELINE_LEVER]
+        print(
+            f"  {lever.name:<22} {rates[lever.name]:8.1f} img/s {ratio:5.2f}x  {lever.what} "
+            f"(batch {config.train.global_batch})",
+            flush=True,
+        )
+    return rates
+
+
+def run_levers(args: argparse.Namespace, device: torch.device) -> dict[str, float]:
+    """``resnet-bench gpu --levers``: the lever rows and their ratios to eager, on ``device``
+    (CUDA; a CPU in the test); returns images/s by lever."""
+    levers = chosen_levers(args.levers)
+    device_name = torch.cuda.get_device_name(device) if device.type == "cuda" else "CPU"
+    base = e2e_config(
+        "synthetic", model=args.model, image_size=args.image_size, batch=args.batch_size,
+        steps=args.steps, warmup=args.warmup, precision=args.precision,
+        channels_last=not args.no_channels_last, compile=False, decode_device="cpu",
+        decode_cpus=None, storage="unused", use_gpu=device.type == "cuda",
+    )  # fmt: skip
+    print(
+        f"resnet-bench gpu --levers: {args.model} on {device_name}, batch {args.batch_size}, "
+        f"{args.image_size}px, {args.precision}, "
+        f"{'NCHW' if args.no_channels_last else 'channels_last'}; {args.steps} steps per row "
+        f"({args.warmup} warm-up; compiling is in the warm-up)",
+        flush=True,
+    )
+    rates = measure_levers(base, levers, device, steps=args.steps, warmup=args.warmup)
+    for lever in levers[1:]:
+        print(ratio_line(lever.name, BASELINE_LEVER, rates[lever.name] / rates[BASELINE_LEVER]))
+    return rates

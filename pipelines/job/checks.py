@@ -70,6 +70,12 @@ def check_dataset(config: JobConfig, *, verify_data: bool = False) -> tuple[Mani
         plan = plan_steps(config, manifest)
     except ValueError as e:
         raise ConfigError(f"train.global_batch={config.train.global_batch}: {e}") from None
+    profiled = config.train.profile_steps
+    if profiled and sum(profiled) - 1 > plan.total_steps:
+        raise ConfigError(
+            f"train.profile_steps={profiled} ends at step {sum(profiled) - 1}, after the run's "
+            f"last step ({plan.total_steps}); profile earlier steps"
+        )
     if config.model.init:
         check_init(config, manifest)
     return manifest, plan

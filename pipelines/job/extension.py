@@ -32,6 +32,9 @@ class Extension:
         metrics. Epoch-end reports carry the epoch's training and (when due) validation
         metrics."""
 
+    def teardown(self, runner: TrainLoopRunner) -> None:
+        """Once, when the run ends (also on an error): stop what :meth:`setup` started."""
+
     def state_dict(self) -> dict[str, Any]:
         return {}
 

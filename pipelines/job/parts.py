@@ -20,7 +20,7 @@ from pipelines.manifest import Manifest, load_mean_image
 from resnet_core.models import create_model
 from resnet_core.optim import LRSchedule, build_optimizer, scaled_lr
 from resnet_core.pretrained import HEAD_MODULE, apply_init, load_init_weights
-from resnet_core.step import BatchTransform, TrainStep, autocast_dtype
+from resnet_core.step import BatchTransform, TrainStep, autocast_dtype, compile_mode_for
 from resnet_core.transforms import IMAGENET_MEAN_RGB, IMAGENET_STD_RGB, ImageAugment, Normalize
 
 
@@ -83,6 +83,7 @@ def make_optimizer(model: nn.Module, config: JobConfig) -> torch.optim.Optimizer
         eps=o.eps,
         decay_norm_and_bias=o.decay_norm_and_bias,
         head=HEAD_MODULE if t.freeze_backbone_epochs else None,
+        implementation=o.implementation,
     )
 
 
@@ -143,11 +144,17 @@ def normalization(config: JobConfig, manifest: Manifest) -> tuple[Tensor, Tensor
 
 
 def decode_options(
-    config: JobConfig, manifest: Manifest, *, mode: str, device: torch.device, epoch: int = 0
+    config: JobConfig,
+    manifest: Manifest,
+    *,
+    mode: str,
+    device: torch.device,
+    epoch: int = 0,
+    cpu_share: float = 0.0,
 ) -> data_lib.DecodeOptions:
     """The reader's options for ``mode`` (training: ``data.augment`` at ``epoch``'s crop size,
     see ``DataConfig.train_size``; validation: ``eval_center`` at ``data.eval_crop``) on a worker
-    whose device is ``device``."""
+    whose device is ``device``; ``cpu_share``: hybrid decode's share of the tasks (training)."""
     d, on_gpu = config.data, device.type == "cuda"
     train = mode in data_lib.TRAIN_MODES
     return data_lib.DecodeOptions(
@@ -156,12 +163,13 @@ def decode_options(
         eval_resize=d.eval_resize,
         num_cpus=d.decode_cpus,
         concurrency=d.decode_concurrency,
-        device=device if d.decode_device == "device" else None,
+        device=device if d.decode_device != "cpu" else None,
         prefer_nodes=(tuple(d.decode_nodes.split("=", 1)),) if d.decode_nodes else (),
         prefetch_batches=d.prefetch_batches,
         shuffle_buffer=(d.shuffle_buffer or None) if train else None,
         pin_memory=on_gpu,
         augment=image_augment(config, manifest) if train else ImageAugment(),
+        cpu_share=cpu_share if train and d.decode_device == "auto" else 0.0,
     )
 
 
@@ -185,8 +193,9 @@ def image_augment(config: JobConfig, manifest: Manifest) -> ImageAugment:
 
 @dataclass
 class Training:
-    """One process's training: ``model`` as trained (wrapped: DDP, ``torch.compile``), its
-    optimizer and schedule, the step that trains it and the run's step plan."""
+    """One process's training: ``model`` as trained (in DDP when distributed; never compiled:
+    the step compiles its own forward), its optimizer and schedule, the step that trains it and
+    the run's step plan."""
 
     model: nn.Module
     optimizer: torch.optim.Optimizer
@@ -212,8 +221,8 @@ def build_training(
     distribute: Callable[[nn.Module], nn.Module] | None = None,
 ) -> Training:
     """Everything one process trains with. ``distribute`` wraps the model for data parallelism
-    (``ray.train.torch.prepare_model``: DDP); ``torch.compile`` wraps outside it, as PyTorch
-    recommends for DDP. channels_last applies on CUDA only."""
+    (``ray.train.torch.prepare_model``: DDP); ``train.compile`` compiles the step's normalisation,
+    forward and loss around it (resnet_core.step). channels_last applies on CUDA only."""
     t, o = config.train, config.optim
     torch.manual_seed(t.seed)
     model = create_model(
@@ -228,8 +237,6 @@ def build_training(
     optimizer = make_optimizer(model, config)
     if distribute is not None:
         model = distribute(model)
-    if t.compile:
-        model = torch.compile(model)
     mean, std = normalization(config, manifest)
     normalize = Normalize(
         mean, std, lighting_std=config.data.lighting_std, channels_last=channels_last
@@ -244,6 +251,7 @@ def build_training(
         batch_transforms=batch_transforms(config, manifest.num_classes),
         accumulate=t.accumulate_steps,
         clip_grad_norm=t.clip_grad_norm,
+        compile_mode=compile_mode_for(t.compile, t.compile_mode, device),
     )
     plan = plan_steps(config, manifest)
     return Training(model, optimizer, make_schedule(config, plan), step, plan)

@@ -14,7 +14,9 @@ shared out anew (pipelines.job.elastic).
 
 An :class:`Extension` is called before and after every step (``runner.batch`` is the step's
 :class:`pipelines.data.Batch`: keys, row ids), on every report (it may add metrics, and sees
-validation results), and keeps its own state in checkpoints under its ``key``.
+validation results), and keeps its own state in checkpoints under its ``key``; ``teardown``
+ends what it started when the run ends. On by config: system metrics on every rank
+(pipelines.job.system_metrics) and the step profiler (pipelines.job.profiler).
 The learning-rate schedule is one: it sets each step's rate and reacts to the training and
 validation errors (paper §3.4 plateau, §4.2 ResNet-110 warm-up).
 """
@@ -40,8 +42,12 @@ from pipelines.job.elastic import EPOCH_ROWS_KEY, EpochRows
 from pipelines.job.ema import EmaExtension
 from pipelines.job.extension import Extension
 from pipelines.job.freeze import FreezeBackbone
-from pipelines.job.parts import Training, build_training, decode_options
+from pipelines.job.hybrid import HybridDecode
+from pipelines.job.parts import Training, build_training, decode_options, plan_steps
+from pipelines.job.profiler import StepProfiler
 from pipelines.job.session import quiet_ray_logs
+from pipelines.job.startup import Startup
+from pipelines.job.system_metrics import SystemMetrics
 from pipelines.manifest import read_manifest
 from resnet_core.checkpoint import CheckpointError, save_checkpoint, training_state
 from resnet_core.metrics import RunningMean, TopKAccumulator
@@ -81,29 +87,45 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
     [Extension, ...]}`` (see :func:`pipelines.job.trainer.build_trainer`)."""
     quiet_ray_logs()
     config: JobConfig = from_dict(JobConfig, loop_config["config"])
-    TrainLoopRunner(config, loop_config.get("extensions", ())).run()
+    extensions = loop_config.get("extensions", ())
+    runner = TrainLoopRunner(config, extensions, submitted_at=loop_config.get("submitted_at"))
+    try:
+        runner.run()
+    finally:
+        runner.close()
 
 
 class TrainLoopRunner:
     """One Train worker's training run; state on the object (see the module docstring)."""
 
-    def __init__(self, config: JobConfig, extensions: Sequence[Extension] = ()) -> None:
+    def __init__(
+        self,
+        config: JobConfig,
+        extensions: Sequence[Extension] = (),
+        *,
+        submitted_at: float | None = None,
+    ) -> None:
         import ray.train
         import ray.train.torch
 
+        self.startup = Startup(submitted_at)
         context = ray.train.get_context()
         self.config = config
         self.rank, self.world = context.get_world_rank(), context.get_world_size()
         self.device = ray.train.torch.get_device()
         self.manifest = read_manifest(config.data.uri)
+        hybrid = config.data.decode_device == "auto"
+        self.hybrid = HybridDecode(config.data.hybrid_cpu_share) if hybrid else None
+        self.upcoming: data_lib.Prefetched | None = None  # the next epoch's, once started
+        if ray.train.get_checkpoint() is None:  # a fresh run: its data starts with the build
+            steps = plan_steps(config, self.manifest).steps_in_epoch(0)
+            self.upcoming = data_lib.Prefetched(self.planned_batches(0, steps, skip=0))
         self.training: Training = build_training(
             config, self.manifest, self.device, distribute=ray.train.torch.prepare_model
         )
         self.plan = self.training.plan
-        t, schedule = config.train, ScheduleExtension(self.training.schedule)
-        freeze = [FreezeBackbone()] if t.freeze_backbone_epochs else []  # before the schedule
-        ema = [EmaExtension()] if t.ema else []
-        self.extensions = [*freeze, schedule, *ema, *extensions]
+        self.startup.mark("build")
+        self.extensions = self.all_extensions(extensions)
         self.epoch = self.step = self.batches_done = 0
         self.epoch_metrics = EpochMetrics(self.device)
         self.rows = self.new_epoch_rows()
@@ -113,12 +135,32 @@ class TrainLoopRunner:
         for extension in self.extensions:
             extension.setup(self)
 
+    def all_extensions(self, extensions: Sequence[Extension]) -> list[Extension]:
+        """The features the config turns on, in calling order, around the caller's."""
+        t = self.config.train
+        freeze = [FreezeBackbone()] if t.freeze_backbone_epochs else []  # before the schedule
+        schedule = ScheduleExtension(self.training.schedule)
+        ema = [EmaExtension()] if t.ema else []
+        system = [SystemMetrics(t.system_metrics_interval_s)] if t.system_metrics else []
+        hybrid = [self.hybrid] if self.hybrid is not None else []
+        # The profiler last: its window spans the other extensions' work in each step.
+        profile = [StepProfiler(*t.profile_steps)] if t.profile_steps else []
+        return [*freeze, schedule, *ema, *system, *hybrid, *extensions, *profile]
+
     def run(self) -> None:
         self.restore()
+        self.startup.mark("restore")
         while self.epoch < self.plan.epochs:
             self.train_epoch()
             self.end_epoch()
             self.epoch += 1
+
+    def close(self) -> None:
+        """The end of the run (also after an error): extensions stop what they started."""
+        if self.upcoming is not None:
+            self.upcoming.close()
+        for extension in self.extensions:
+            extension.teardown(self)
 
     def restore(self) -> None:
         """Continue from Ray's latest checkpoint (or the newest intact one), if any."""
@@ -156,15 +198,20 @@ class TrainLoopRunner:
             )
 
     def train_epoch(self) -> None:
-        """The epoch's remaining batches, with a report every log or checkpoint interval."""
+        """The epoch's remaining batches, with a report every log or checkpoint interval; once
+        they are all fetched, the next epoch's pipeline starts (:meth:`prefetch_next_epoch`)."""
         t, steps = self.config.train, self.plan.steps_in_epoch(self.epoch)
-        batches = self.epoch_batches(steps)
+        batches, self.upcoming = self.upcoming or self.epoch_batches(steps), None
         self.training.model.train()
         self.window = Window(self.device)
         fetch_started = time.perf_counter()
         for self.batch in batches.batches():
             self.window.data_seconds += time.perf_counter() - fetch_started
+            self.startup.mark("first_batch")
+            if self.batches_done + 1 == steps:
+                self.prefetch_next_epoch(batches.waits)
             self.train_step(self.batch.images, self.batch.labels)
+            self.startup.mark("first_step", self.device)
             self.rows.mark(self.batch.rows)
             self.batches_done += 1
             log_due = self.step % t.log_every_steps == 0
@@ -177,25 +224,24 @@ class TrainLoopRunner:
                 self.window = Window(self.device)
             fetch_started = time.perf_counter()
 
+    def prefetch_next_epoch(self, waits: data_lib.DecodeWaits) -> None:
+        """Start the next epoch's batches in a helper thread (:class:`pipelines.data.Prefetched`)
+        while this epoch's last step, validation and checkpoint run. A fresh epoch replays every
+        rank's plan whatever happened in this one; hybrid decode rebalances first (``waits``:
+        this epoch's)."""
+        epoch = self.epoch + 1
+        if epoch < self.plan.epochs and self.step + 1 < self.plan.total_steps:
+            if self.hybrid is not None:
+                self.hybrid.rebalance(waits, self.device)
+            steps = self.plan.steps_in_epoch(epoch)
+            self.upcoming = data_lib.Prefetched(self.planned_batches(epoch, steps, skip=0))
+
     def epoch_batches(self, steps: int) -> data_lib.EpochBatches:
         """This rank's batches of the epoch after those done: its own plan replayed, or, when
         the epoch is resumed on another number of workers, its share of the untrained rows."""
         c = self.config
-        options = decode_options(
-            c, self.manifest, mode=c.data.augment, device=self.device, epoch=self.epoch
-        )
-        where = {"split": c.data.train_split, "world_size": self.world, "rank": self.rank}
-        where |= {"epoch": self.epoch, "seed": c.data.seed}
         if self.batches_done == 0 or self.rows.replays(self.world):
-            return data_lib.iter_batches(
-                self.manifest,
-                options,
-                batch_size=c.train.global_batch // self.world,
-                skip_batches=self.batches_done,
-                max_batches=steps,
-                repeats=c.data.repeated_augment,
-                **where,
-            )
+            return self.planned_batches(self.epoch, steps, skip=self.batches_done)
         if c.data.repeated_augment > 1:  # its rows are trained several times: no remainder
             raise CheckpointError(
                 f"the checkpoint at step {self.step} is {self.batches_done} batches into an "
@@ -215,7 +261,7 @@ class TrainLoopRunner:
             global_batch=c.train.global_batch,
             steps=steps,
             batches_done=self.batches_done,
-            **where,
+            **self.plan_where(self.epoch),
         )
         self.say(
             f"epoch {self.epoch + 1} continues on {self.world} workers (planned for "
@@ -223,7 +269,31 @@ class TrainLoopRunner:
             f"{plan.steps} batches of {plan.batch_size} per worker"
         )
         self.rows.replanned = True
-        return data_lib.EpochBatches(plan, options)
+        return data_lib.EpochBatches(plan, self.train_options(self.epoch))
+
+    def planned_batches(self, epoch: int, steps: int, *, skip: int) -> data_lib.EpochBatches:
+        """This rank's planned batches of ``epoch``, after the first ``skip``."""
+        c = self.config
+        return data_lib.iter_batches(
+            self.manifest,
+            self.train_options(epoch),
+            batch_size=c.train.global_batch // self.world,
+            skip_batches=skip,
+            max_batches=steps,
+            repeats=c.data.repeated_augment,
+            **self.plan_where(epoch),
+        )
+
+    def plan_where(self, epoch: int) -> dict[str, Any]:
+        """Which part of which epoch this rank trains (the arguments of every epoch plan)."""
+        where = {"split": self.config.data.train_split, "world_size": self.world}
+        return where | {"rank": self.rank, "epoch": epoch, "seed": self.config.data.seed}
+
+    def train_options(self, epoch: int) -> data_lib.DecodeOptions:
+        c = self.config
+        return decode_options(
+            c, self.manifest, mode=c.data.augment, device=self.device, epoch=epoch
+        )
 
     def new_epoch_rows(self) -> EpochRows:
         num_rows = self.manifest.split(self.config.data.train_split).num_rows
@@ -259,6 +329,10 @@ class TrainLoopRunner:
         trained at (progressive resizing changes it between epochs)."""
         lr = max(g["lr"] for g in self.training.optimizer.param_groups)  # a frozen group has 0
         metrics = self.window.reduce(self.step, lr)
+        if not self.startup.reported and (startup := self.startup.metrics()):
+            self.startup.reported = True
+            self.say(self.startup.line(startup))
+            metrics |= startup
         return {**metrics, "train/image_size": self.config.data.train_size(self.epoch)}
 
     def report(self, metrics: dict[str, Any], *, checkpoint: bool, epoch_end: bool = False) -> None:

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import contextlib
 import signal
+import time
 from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
@@ -61,6 +62,7 @@ def build_trainer(
     sc = config.scale
     if loop_config is None:
         loop_config = {"config": to_dict(config), "extensions": list(extensions)}
+        loop_config["submitted_at"] = time.time()  # the start of the start-up the run reports
     return TorchTrainer(
         loop,
         train_loop_config=loop_config,
