@@ -635,6 +635,7 @@ def to_float_batch(
     lighting_std: float = 0.0,
     generator: torch.Generator | None = None,
     channels_last: bool = False,
+    pca: tuple[Tensor, Tensor] | None = None,
 ) -> Tensor:
     """uint8 images -> normalised float32 NCHW batch, computed on ``images.device``.
 
@@ -650,7 +651,9 @@ def to_float_batch(
        subtracted", see :func:`mean_image`);
     4. if ``std`` is given, divide by it (the modern per-channel normalisation; not in the paper).
 
-    Pass ``mean``/``std`` as tensors already on the device to avoid a copy per call.
+    Pass ``mean``/``std`` (and ``pca``: the eigenvalues and eigenvectors, as :class:`Normalize`
+    keeps them) as tensors already on the device to avoid a copy per call, which on CUDA also
+    waits for the queued work.
     ``channels_last=True`` returns the logical NCHW tensor in ``torch.channels_last`` memory
     format (no transpose copy from NHWC input).
     """
@@ -674,14 +677,19 @@ def to_float_batch(
         alpha_device = generator.device if generator is not None else x.device
         alpha = torch.randn(x.shape[0], 3, generator=generator, device=alpha_device)
         alpha = alpha.to(x.device) * lighting_std
-        eigval = torch.tensor(IMAGENET_PCA_EIGVAL, device=x.device)
-        eigvec = torch.tensor(IMAGENET_PCA_EIGVEC, device=x.device)
+        eigval, eigvec = pca if pca is not None else _pca_tensors(x.device)
         rgb_shift = (alpha * eigval) @ eigvec.T  # (N, 3): row n is eigvec @ (alpha_n * eigval)
         x.add_(rgb_shift.view(-1, 3, 1, 1))
     x.sub_(_as_channel_stats(mean, x))
     if std is not None:
         x.div_(_as_channel_stats(std, x))
     return x
+
+
+def _pca_tensors(device: torch.device) -> tuple[Tensor, Tensor]:
+    """ImageNet's RGB eigenvalues (3,) and eigenvectors (3, 3) on ``device``."""
+    eigval = torch.tensor(IMAGENET_PCA_EIGVAL, device=device, dtype=torch.float32)
+    return eigval, torch.tensor(IMAGENET_PCA_EIGVEC, device=device, dtype=torch.float32)
 
 
 class Normalize(nn.Module):
@@ -709,6 +717,10 @@ class Normalize(nn.Module):
         self.register_buffer("std", std)
         self.lighting_std = lighting_std
         self.channels_last = channels_last
+        # Kept on the module's device, out of state dicts (constants, not state).
+        eigval, eigvec = _pca_tensors(torch.device("cpu"))
+        self.register_buffer("pca_eigval", eigval, persistent=False)
+        self.register_buffer("pca_eigvec", eigvec, persistent=False)
 
     def _mean_for(self, height: int, width: int) -> Tensor:
         if self.mean.shape[-2:] in ((1, 1), (height, width)):
@@ -728,6 +740,7 @@ class Normalize(nn.Module):
             std=self.std,
             lighting_std=self.lighting_std if self.training else 0.0,
             channels_last=self.channels_last,
+            pca=(self.pca_eigval, self.pca_eigvec),
         )
 
 

@@ -12,6 +12,7 @@ from PIL import Image
 from torchvision.transforms import v2
 from torchvision.transforms.v2 import functional as tvf
 
+from resnet_core import transforms
 from resnet_core.transforms import (
     IMAGENET_MEAN_RGB,
     IMAGENET_PCA_EIGVAL,
@@ -422,6 +423,14 @@ def test_to_float_batch_lighting_adds_pca_shift_per_image():
     )
     torch.testing.assert_close(again, lit, rtol=0, atol=0)
     assert not torch.equal(other, lit)
+    # Normalize keeps the PCA constants on its device (no copy per step), out of state dicts.
+    module = transforms.Normalize(torch.tensor(IMAGENET_MEAN_RGB), lighting_std=0.1)
+    assert set(module.state_dict()) == {"mean"}
+    torch.manual_seed(9)
+    by_module = module(nhwc)
+    torch.manual_seed(9)
+    by_function = to_float_batch(nhwc, mean=IMAGENET_MEAN_RGB, lighting_std=0.1)
+    torch.testing.assert_close(by_module, by_function, rtol=0, atol=0)
 
 
 def test_to_float_batch_channels_last_and_input_checks():

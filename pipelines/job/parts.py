@@ -233,6 +233,8 @@ def build_training(
     if t.sync_bn and distribute is not None:
         model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
     channels_last = device.type == "cuda" and t.channels_last
+    if device.type == "cuda":  # a few fixed input shapes: cuDNN's fastest kernels per shape
+        torch.backends.cudnn.benchmark = True
     model = model.to(device, memory_format=torch.channels_last if channels_last else None)
     optimizer = make_optimizer(model, config)
     if distribute is not None:

@@ -416,7 +416,8 @@ class TrainLoopRunner:
         normalize.eval()
         for images, labels in batches:
             labels = labels.to(self.device, non_blocking=True)
-            logits = model(normalize(images.to(self.device, non_blocking=True))).float()
+            with self.training.step.autocast(self.device):  # the training precision
+                logits = model(normalize(images.to(self.device, non_blocking=True))).float()
             accuracy.update(logits, labels)
             loss.update(criterion(logits, labels), labels.numel())
         model.train()
