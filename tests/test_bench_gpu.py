@@ -167,8 +167,9 @@ def test_each_lever_turns_on_what_it_names():
 
 @pytest.mark.slow
 def test_the_whole_bench_runs_tiny_on_a_cpu(tmp_path, capsys, monkeypatch):
-    """Everything but CUDA: shards from JPEGs, the ceiling, the training job with the device
-    decode path, the lines (the CPU decode path's job is the one `resnet-bench train` runs)."""
+    """Everything but CUDA: shards from JPEGs, the ceiling, the training job with hybrid decode
+    (the device path's code, and the CPU path's for some batches), each decode alone, the
+    start-up split, the lines."""
     monkeypatch.setenv("RAY_AUTH_MODE", "disabled")  # the Ray this run starts
     monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)  # measure_job's temporary store
     _write_jpegs(tmp_path / "images", 4)
@@ -178,17 +179,25 @@ def test_the_whole_bench_runs_tiny_on_a_cpu(tmp_path, capsys, monkeypatch):
         [
             "gpu", "--images", str(tmp_path / "images"), "--batch-size", "4", "--steps", "3",
             "--warmup", "1", "--model", "resnet18", "--image-size", "64", "--precision", "fp32",
-            "--decode-cpus", "1", "--decode", "device",
+            "--decode-cpus", "1", "--decode", "auto",
         ]
     )  # fmt: skip
     rates = gpu.run_gpu_bench(args, tmp_path / "images", torch.device("cpu"))
-    assert set(rates) == {"synthetic_ceiling", "e2e_device"}
+    decodes = {"device_decode", "device_decode_crop", "cpu_decode_crop"}
+    assert set(rates) == {"synthetic_ceiling", "e2e_auto"} | decodes
     out = capsys.readouterr().out
     assert "resnet18 on CPU, batch 4, 64px, fp32" in out
-    _assert_bench_lines(out, paths=("device",))
+    _assert_bench_lines(out, paths=("auto",))
 
 
-def _assert_bench_lines(out: str, paths: tuple[str, ...] = ("cpu", "device")) -> None:
+def _assert_bench_lines(out: str, paths: tuple[str, ...] = ("cpu", "device", "auto")) -> None:
+    for name in ("device_decode", "device_decode_crop", "cpu_decode_crop"):
+        assert re.search(rf"^  {name} +\d+\.\d img/s", out, re.M), out
+    assert re.search(r"^target device_decode_crop >= 12000 img/s: (met|missed)", out, re.M), out
+    assert re.search(r"^target end to end \(e2e_\w+\) >= 8000 img/s: (met|missed)", out, re.M)
+    for path in paths:
+        assert re.search(rf"^  start-up e2e_{path}: \d+\.\d s \(worker group", out, re.M), out
+        assert re.search(rf"^target e2e_{path} start to first step <= 15 s: ", out, re.M), out
     for path in paths:
         assert re.search(rf"^  e2e_{path} +\d+\.\d img/s", out, re.M), out
         assert re.search(rf"^ratio e2e_{path}/synthetic_ceiling: \d+\.\d\dx$", out, re.M), out

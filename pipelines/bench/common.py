@@ -10,7 +10,7 @@ import tempfile
 import time
 import uuid
 from collections.abc import Iterator, Sequence
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 from pipelines import shards
@@ -142,6 +142,7 @@ class JobMeasurement:
     startup_s: float  # from the job's start to its first step
     steps: int
     wall_s: float  # the whole job: start-up, steps, evaluation, checkpoint, final model
+    startup: dict[str, float] = field(default_factory=dict)  # the run's startup/* split
 
 
 def measure_job(config: JobConfig, *, warmup_steps: int) -> JobMeasurement:
@@ -170,6 +171,8 @@ def measure_job(config: JobConfig, *, warmup_steps: int) -> JobMeasurement:
         rates = by_step("throughput/images_per_s")
         waits = by_step("throughput/data_wait_share")
         seconds = by_step("time/window_s")
+        logged = client.get_run(run_id).data.metrics
+        split = {key: value for key, value in logged.items() if key.startswith("startup/")}
     first = min(seconds)
     startup = seconds[first].timestamp / 1000 - seconds[first].value - started
     steady = [step for step in sorted(seconds) if step > warmup_steps]
@@ -180,7 +183,9 @@ def measure_job(config: JobConfig, *, warmup_steps: int) -> JobMeasurement:
     total_s = sum(seconds[s].value for s in steady)
     images = sum(rates[s].value * seconds[s].value for s in steady)
     wait = sum(waits[s].value * seconds[s].value for s in steady)
-    return JobMeasurement(images / total_s, wait / total_s, startup, plan.total_steps, wall)
+    return JobMeasurement(
+        images / total_s, wait / total_s, startup, plan.total_steps, wall, startup=split
+    )
 
 
 @contextlib.contextmanager
