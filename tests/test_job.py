@@ -141,7 +141,7 @@ def compiled_run(dataset, mlflow_uri, tmp_path_factory) -> tuple[JobConfig, dict
 
 
 def test_a_compiled_run_fails_once_and_resumes_exactly(compiled_run, mlflow_uri):
-    _, metrics = compiled_run
+    config, metrics = compiled_run
     client = MlflowClient(tracking_uri=mlflow_uri)
     run = client.get_run(metrics["mlflow_run_id"])
     assert run.info.status == "FINISHED"
@@ -156,6 +156,11 @@ def test_a_compiled_run_fails_once_and_resumes_exactly(compiled_run, mlflow_uri)
     assert sorted(m.step for m in seen) == list(range(1, EPOCHS * STEPS_PER_EPOCH + 1))
     assert all(m.value == m.step for m in seen)
     assert math.isfinite(metrics["val/top1"])
+    # The restarted worker group loaded the compile cache the first one saved in the run folder.
+    hits = client.get_metric_history(run.info.run_id, "startup/compile_cache_hit")
+    assert [m.value for m in sorted(hits, key=lambda m: m.step)] == [0.0, 1.0]
+    cache = Path(config.run.storage_path, config.run_name, "compile-cache")
+    assert [p.suffix for p in cache.iterdir()] == [".bin"]
 
 
 def test_a_run_logs_its_workers_system_metrics_and_a_profiled_steps_trace(

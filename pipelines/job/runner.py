@@ -38,6 +38,7 @@ from torch import nn
 from pipelines import data as data_lib
 from pipelines.config import JobConfig, from_dict, to_dict
 from pipelines.job.checkpoints import CHECKPOINT_SCORE, checkpoint_name, restore_latest
+from pipelines.job.compile_cache import CompileCache
 from pipelines.job.elastic import EPOCH_ROWS_KEY, EpochRows
 from pipelines.job.ema import EmaExtension
 from pipelines.job.extension import Extension
@@ -143,9 +144,11 @@ class TrainLoopRunner:
         ema = [EmaExtension()] if t.ema else []
         system = [SystemMetrics(t.system_metrics_interval_s)] if t.system_metrics else []
         hybrid = [self.hybrid] if self.hybrid is not None else []
+        compiled = self.training.step.compile_mode is not None
+        cache = [CompileCache()] if compiled else []
         # The profiler last: its window spans the other extensions' work in each step.
         profile = [StepProfiler(*t.profile_steps)] if t.profile_steps else []
-        return [*freeze, schedule, *ema, *system, *hybrid, *extensions, *profile]
+        return [*freeze, schedule, *ema, *system, *hybrid, *cache, *extensions, *profile]
 
     def run(self) -> None:
         self.restore()
