@@ -125,7 +125,6 @@ class TrainLoopRunner:
             config, self.manifest, self.device, distribute=ray.train.torch.prepare_model
         )
         self.plan = self.training.plan
-        self.startup.mark("build")
         self.extensions = self.all_extensions(extensions)
         self.epoch = self.step = self.batches_done = 0
         self.epoch_metrics = EpochMetrics(self.device)
@@ -135,6 +134,7 @@ class TrainLoopRunner:
         self.attempt = uuid.uuid4().hex[:8]  # names this worker group's checkpoints
         for extension in self.extensions:
             extension.setup(self)
+        self.startup.mark("build")
 
     def all_extensions(self, extensions: Sequence[Extension]) -> list[Extension]:
         """The features the config turns on, in calling order, around the caller's."""

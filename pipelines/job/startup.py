@@ -3,7 +3,7 @@
 The runner marks each phase as it ends; the first report carries them as ``startup/*`` metrics
 (seconds) and rank 0 prints one line. Phases: ``worker_group`` (submission to the loop starting
 on the worker: Ray Train's controller, the worker processes, the process group), ``build`` (the
-manifest, the model, the optimizer, DDP), ``restore`` (the checkpoint, if any), ``first_batch``
+manifest, the model, the optimizer, DDP, the extensions' setup: the compile cache's load), ``restore`` (the checkpoint, if any), ``first_batch``
 (the rest of the wait for the first batch: Ray Data's start, the first decode tasks; the
 pipeline of a fresh run starts before ``build``, so the two overlap), ``first_step`` (the first
 step to completion: cuDNN's algorithm search, torch.compile).
