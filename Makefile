@@ -5,7 +5,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: demo test test-fast selfcheck lint format lock clean
+.PHONY: demo test test-fast selfcheck lint format lock clean gpu-check
 
 demo: $(STAMP)
 	$(VENV)/bin/resnet-train
@@ -24,6 +24,17 @@ test: $(STAMP)
 
 test-fast: $(STAMP)
 	$(PY) -m pytest -m "not slow"
+
+# On a GPU machine, with its own Python (no venv needed there): the gpu-marked tests, then every
+# figure of resnet-bench gpu (BENCHMARKS.md); IMAGES: a folder of JPEGs on that machine.
+GPU_PY ?= python3
+IMAGES ?= data/imagenet-sample
+
+gpu-check:
+	$(GPU_PY) -m pytest -q -p no:cacheprovider -m gpu
+	$(GPU_PY) -m pipelines.bench gpu --levers
+	$(GPU_PY) -m pipelines.bench gpu --images $(IMAGES) --compile
+	$(GPU_PY) -m pipelines.bench gpu --images $(IMAGES) --compile --decode device --decode-cpus 4
 
 lint: $(STAMP)
 	$(PY) -m ruff check .
