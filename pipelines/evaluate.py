@@ -318,7 +318,8 @@ def log_evaluation(
     bad_images: int,
     csv_text: str,
 ) -> str:
-    """A new MLflow run with the metrics and the per-class CSV; returns its id."""
+    """A new MLflow run with the metrics, the per-class CSV and the split as its dataset input
+    (context "evaluation"); returns its id."""
     from mlflow.entities import Metric
     from mlflow.tracking import MlflowClient
 
@@ -326,11 +327,13 @@ def log_evaluation(
     client = MlflowClient(tracking_uri=tracking_uri)
     if trained.experiment_id is not None and experiment is None:
         experiment_id = trained.experiment_id
+        tracking.mark_model_training(client, experiment_id)
     else:
         name = experiment or trained.config.run.experiment
         experiment_id = tracking.ensure_experiment(client, name, tracking_uri)
     tags = {
         **tracking.environment_tags(),
+        **tracking.description_tags(),
         "model": trained.config.model.name,
         "dataset.checksum": manifest.checksum,
         "dataset.uri": storage.redact(manifest.root),
@@ -344,6 +347,7 @@ def log_evaluation(
         if trained.run_id:
             params = {**params, "eval.trained_run": f"runs:/{trained.run_id}"}
         tracking.log_params_once(client, run_id, params)
+        tracking.log_datasets(client, run_id, manifest, {tracking.EVALUATION: split})
         now = int(time.time() * 1000)
         metrics = [Metric("eval/bad_images", float(bad_images), now, 0)]
         for r in results:

@@ -8,16 +8,23 @@
 - One writer: :class:`MlflowReporter` is a ``ray.train.UserCallback``; it runs in the Train controller
   and is the only code that logs while training. It skips steps already logged, so a resumed run
   never has duplicate steps.
+- What the UI shows: experiments are marked model-training (``mlflow.experimentKind``), every run
+  names its data as MLflow dataset inputs (one per split, digest = the manifest's checksum), its
+  source (entry point, JOB or LOCAL, git commit and branch) and, as its description, the command
+  line that started it.
 - Secrets: nothing read from the environment is logged; URIs are logged without user info.
 """
 
 from __future__ import annotations
 
 import contextlib
+import json
 import logging
 import math
 import os
 import platform
+import re
+import shlex
 import subprocess
 import sys
 import tempfile
@@ -27,11 +34,14 @@ from pathlib import Path
 from typing import Any
 
 import mlflow
-from mlflow.entities import Metric, Param, Run, RunTag
+from mlflow.data.meta_dataset import MetaDataset
+from mlflow.entities import DatasetInput, InputTag, Metric, Param, Run, RunTag
 from mlflow.tracking import MlflowClient
+from mlflow.utils.mlflow_tags import MLFLOW_DATASET_CONTEXT
 from ray.train import Checkpoint, UserCallback
 
 from pipelines import storage
+from pipelines.manifest import MANIFEST_NAME, Manifest
 from resnet_core import jpeg
 
 RUN_NAME_TAG = "resnet_ray.run_name"
@@ -39,6 +49,12 @@ FINAL_MODEL_TAG = "resnet_ray.final_model"  # the logged model's URI, set once i
 EVALUATES_TAG = "resnet_ray.evaluates"  # on a resnet-eval run: the training run it scored
 EMBEDDED_DB = "mlflow.db"
 EMBEDDED_ARTIFACTS = "mlartifacts"
+# MLflow 3's record of what an experiment is for (the values of the UI's kind selector).
+EXPERIMENT_KIND_TAG, MODEL_TRAINING = "mlflow.experimentKind", "custom_model_development"
+# MLflow 3.17's UI picks its landing page by its GenAI / Model training switch, not by the
+# kind: a link with this query opens an experiment on its runs.
+UI_MODEL_TRAINING = "workflowType=machine_learning"
+DESCRIPTION_TAG = "mlflow.note.content"  # the run's description in the UI (markdown)
 
 
 def tracking_uri(workdir: str | Path | None = None) -> str:
@@ -108,34 +124,59 @@ def quiet_store_logs() -> None:
         logging.getLogger(name).setLevel(logging.WARNING)
 
 
-def ui_command(uri: str) -> str:
-    """The exact command that opens the MLflow UI on this store (a tracking server: its URL).
+def ui_command(uri: str, experiment_id: str | None = None) -> str:
+    """The exact command that opens the MLflow UI on this store (a tracking server: its URL),
+    and with ``experiment_id`` the page of that experiment's runs (:func:`ui_url`).
 
     The ``mlflow`` program is the one installed beside this Python (``.venv/bin/mlflow``), so the
     command works without activating the environment. User info never appears in it.
     """
+    page = f", then {ui_url(uri, experiment_id)}" if experiment_id else ""
     if uri.startswith(("http://", "https://")):
-        return f"open {storage.redact(uri)}"
+        return f"open {ui_url(uri, experiment_id) if experiment_id else storage.redact(uri)}"
     beside = Path(sys.executable).parent / "mlflow"
     program = str(beside) if beside.exists() else "mlflow"
     if not uri.startswith("sqlite:///"):
-        return f"{program} ui --backend-store-uri {storage.redact(uri)} --port 5000"
+        return f"{program} ui --backend-store-uri {storage.redact(uri)} --port 5000{page}"
     root = Path(uri.removeprefix("sqlite:///")).parent
     return (
         f"{program} ui --backend-store-uri {uri} "
-        f"--default-artifact-root {root / EMBEDDED_ARTIFACTS} --port 5000"
+        f"--default-artifact-root {root / EMBEDDED_ARTIFACTS} --port 5000{page}"
     )
 
 
+def ui_url(uri: str, experiment_id: str) -> str:
+    """The UI page of the experiment's runs, in the UI's Model training view: on the tracking
+    server ``uri``, else on :func:`ui_command`'s ``mlflow ui`` (port 5000)."""
+    server = uri.startswith(("http://", "https://"))
+    base = storage.redact(uri).rstrip("/") if server else "http://127.0.0.1:5000"
+    return f"{base}/#/experiments/{experiment_id}?{UI_MODEL_TRAINING}"
+
+
 def ensure_experiment(client: MlflowClient, name: str, uri: str) -> str:
-    """Experiment id for ``name``, created on first use (artifacts beside an embedded store)."""
+    """Experiment id for ``name``, created on first use (artifacts beside an embedded store),
+    marked as a model-training experiment (:func:`mark_model_training`)."""
     experiment = client.get_experiment_by_name(name)
     if experiment is not None:
+        mark_model_training(client, experiment.experiment_id, experiment.tags)
         return experiment.experiment_id
     location = None
     if uri.startswith("sqlite:///"):
         location = (Path(uri.removeprefix("sqlite:///")).parent / EMBEDDED_ARTIFACTS).as_uri()
-    return client.create_experiment(name, artifact_location=location)
+    return client.create_experiment(
+        name, artifact_location=location, tags={EXPERIMENT_KIND_TAG: MODEL_TRAINING}
+    )
+
+
+def mark_model_training(
+    client: MlflowClient, experiment_id: str, tags: Mapping[str, str] | None = None
+) -> None:
+    """Tag the experiment as model training, MLflow 3's way, unless it has a kind already (one
+    a user chose stays). ``tags``: the experiment's tags when already read."""
+    if tags is None:
+        tags = client.get_experiment(experiment_id).tags
+    if EXPERIMENT_KIND_TAG not in tags:
+        client.set_experiment_tag(experiment_id, EXPERIMENT_KIND_TAG, MODEL_TRAINING)
 
 
 def find_run(client: MlflowClient, experiment_id: str, run_name: str) -> Run | None:
@@ -215,12 +256,15 @@ def set_tags(client: MlflowClient, run_id: str, tags: Mapping[str, str]) -> None
 
 
 def environment_tags(workdir: str | Path | None = None) -> dict[str, str]:
-    """Git commit, library versions and the JPEG decoder in use (region decoding, or Pillow and
-    why): what a reader of the run needs to reproduce it and its speed.
+    """Git commit and branch, the run's source, library versions and the JPEG decoder in use
+    (region decoding, or Pillow and why): what a reader of the run needs to reproduce it and
+    its speed. The source is MLflow's: the entry point (``mlflow.source.name``: the module of
+    ``python -m``, else the program) and ``mlflow.source.type``, JOB for a ``ray job submit``
+    entrypoint, else LOCAL.
 
     The commit is ``RESNET_RAY_GIT_COMMIT`` (set it where the code is not a git checkout, e.g. a
     ``ray job submit`` working directory), else ``git rev-parse HEAD`` in ``workdir`` (default:
-    the folder holding this code).
+    the folder holding this code); the branch comes from the checkout only.
     """
     import pyarrow
     import ray
@@ -235,17 +279,23 @@ def environment_tags(workdir: str | Path | None = None) -> dict[str, str]:
         "mlflow": mlflow.__version__,
         "pyarrow": pyarrow.__version__,
         "jpeg_decoder": jpeg.status(),
+        "mlflow.source.name": _entry_point(),
+        # Ray's job supervisor gives every entrypoint it starts its job config in this variable.
+        "mlflow.source.type": "JOB" if "RAY_JOB_CONFIG_JSON_ENV_VAR" in os.environ else "LOCAL",
     }
-    commit = os.environ.get("RESNET_RAY_GIT_COMMIT") or _git_commit(workdir)
+    commit = os.environ.get("RESNET_RAY_GIT_COMMIT") or _git(workdir, "rev-parse", "HEAD")
     if commit:
         tags["mlflow.source.git.commit"] = commit
+    branch = _git(workdir, "rev-parse", "--abbrev-ref", "HEAD")
+    if branch and branch != "HEAD":  # HEAD: a detached checkout, on no branch
+        tags["mlflow.source.git.branch"] = branch
     return tags
 
 
-def _git_commit(workdir: str | Path | None) -> str | None:
+def _git(workdir: str | Path | None, *args: str) -> str | None:
     try:
         out = subprocess.run(
-            ["git", "rev-parse", "HEAD"],
+            ["git", *args],
             cwd=workdir or Path(__file__).resolve().parent,
             capture_output=True,
             text=True,
@@ -255,6 +305,126 @@ def _git_commit(workdir: str | Path | None) -> str | None:
     except (OSError, subprocess.SubprocessError):
         return None
     return out.stdout.strip() or None
+
+
+def _command_words() -> tuple[list[str], str | None]:
+    """This process's command line, and the module it runs with ``-m`` (else None): ``python -m
+    module args`` as given, else the program (a console script such as
+    ``.venv/bin/resnet-train``) and its arguments."""
+    interpreter_part = sys.orig_argv[: len(sys.orig_argv) - len(sys.argv) + 1]
+    if "-m" in interpreter_part[:-1]:
+        return list(sys.orig_argv), interpreter_part[interpreter_part.index("-m") + 1]
+    return list(sys.argv), None
+
+
+def _entry_point() -> str:
+    """The module run with ``-m``, else the program's file name."""
+    _, module = _command_words()
+    return module or Path(sys.argv[0]).name
+
+
+# user:password@ before a host without a scheme (a Ray address may be written so).
+_BARE_USERINFO = re.compile(r"^[^/@\s]*@")
+
+
+def command_line() -> str:
+    """The command line that started this process, shell-quoted, credentials removed: user
+    info of every URI (``--data``, ``--storage``, ``--s3-endpoint``, overrides) and of the Ray
+    ``--address``. Nothing else in a command carries secrets (those come from the environment)."""
+    words = [storage.redact(word) for word in _command_words()[0]]
+    for i, word in enumerate(words):
+        if "://" in word:
+            continue
+        if word.startswith("--address="):
+            words[i] = "--address=" + _BARE_USERINFO.sub("", word.removeprefix("--address="))
+        elif i > 0 and words[i - 1] == "--address":
+            words[i] = _BARE_USERINFO.sub("", word)
+    return shlex.join(words)
+
+
+def description_tags() -> dict[str, str]:
+    """The run's description (MLflow's ``mlflow.note.content``, markdown): the command line that
+    started it. Set when a run is created only: a resumed run keeps the command that began it."""
+    command = command_line()[:7000]  # MLflow keeps tag values up to 8000 characters
+    return {DESCRIPTION_TAG: f"Started by:\n\n```\n{command}\n```\n"}
+
+
+# ---------------------------------------------------------------------------------------------
+# Dataset inputs: each split a run reads, as MLflow's dataset API records it
+# ---------------------------------------------------------------------------------------------
+
+TRAINING, VALIDATION, EVALUATION = "training", "validation", "evaluation"  # input contexts
+DIGEST_CHARS = 12  # of the manifest's sha256: MLflow keeps digests up to 36 characters
+
+
+class SplitDataset(MetaDataset):
+    """One split of a prepared dataset as an MLflow dataset: named ``<dataset>/<split>``, its
+    source the manifest's location (no user info), its digest the manifest's checksum, the shard
+    columns as schema and the split's rows, shards and classes as profile."""
+
+    def __init__(self, manifest: Manifest, split: str) -> None:
+        from mlflow.data.dataset_source_registry import get_dataset_source_from_json
+
+        location = storage.redact(storage.join(manifest.root, MANIFEST_NAME))
+        kind = "s3" if storage.is_s3(location) else "local"
+        source = get_dataset_source_from_json(json.dumps({"uri": location}), kind)
+        info = manifest.split(split)
+        self._profile = {
+            "split": split,
+            "num_rows": info.num_rows,
+            "num_shards": len(info.shards),
+            "num_classes": manifest.num_classes,
+        }
+        super().__init__(
+            source,
+            name=f"{manifest.dataset}/{split}",
+            digest=manifest.checksum[:DIGEST_CHARS],
+            schema=_shard_schema(),
+        )
+
+    @property
+    def profile(self) -> dict[str, Any]:
+        return self._profile
+
+    def to_dict(self) -> dict[str, str]:
+        return {**super().to_dict(), "profile": json.dumps(self._profile)}
+
+
+def _shard_schema() -> Any:
+    """The shards' columns (pipelines.shards.SHARD_SCHEMA) as an MLflow schema."""
+    import pyarrow as pa
+    from mlflow.types import ColSpec, DataType, Schema
+
+    from pipelines.shards import SHARD_SCHEMA
+
+    def kind(arrow: pa.DataType) -> DataType:
+        if pa.types.is_binary(arrow):
+            return DataType.binary
+        if pa.types.is_string(arrow):
+            return DataType.string
+        return DataType.long if arrow.bit_width > 32 else DataType.integer
+
+    return Schema([ColSpec(kind(field.type), field.name) for field in SHARD_SCHEMA])
+
+
+def dataset_inputs(manifest: Manifest, splits: Mapping[str, str]) -> list[DatasetInput]:
+    """MLflow dataset inputs for ``splits`` (input context → split name, e.g. ``{"training":
+    "train"}``); splits the manifest lacks are left out."""
+    return [
+        DatasetInput(
+            SplitDataset(manifest, split)._to_mlflow_entity(),
+            tags=[InputTag(MLFLOW_DATASET_CONTEXT, context)],
+        )
+        for context, split in splits.items()
+        if split in manifest.splits
+    ]
+
+
+def log_datasets(
+    client: MlflowClient, run_id: str, manifest: Manifest, splits: Mapping[str, str]
+) -> None:
+    """Log :func:`dataset_inputs` to the run (again on a resumed run: MLflow keeps one each)."""
+    client.log_inputs(run_id, datasets=dataset_inputs(manifest, splits))
 
 
 UNLOGGED_PREFIX = "checkpoint/"  # report keys for Ray's checkpoint ranking only

@@ -128,7 +128,8 @@ def main(argv: Sequence[str] | None = None) -> float:
     top1 = float(metrics.get("val/top1", float("nan")))
     print(f"final validation top-1: {100 * top1:.2f}% ({metrics.get('val/count', 0)} images)")
     print(f"MLflow run: {metrics['mlflow_run_id']}")
-    print(f"open the MLflow UI: {tracking.ui_command(tracking.tracking_uri())}", flush=True)
+    ui = tracking.ui_command(tracking.tracking_uri(), metrics["mlflow_experiment_id"])
+    print(f"open the MLflow UI: {ui}", flush=True)
     return top1
 
 

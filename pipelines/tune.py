@@ -50,6 +50,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from mlflow.entities import DatasetInput
 from ray import tune
 from ray._common.constants import HEAD_NODE_RESOURCE_NAME
 from ray.tune import Callback, ExperimentAnalysis
@@ -74,7 +75,7 @@ from pipelines.job.final_model import log_final_model
 from pipelines.job.parts import plan_steps
 from pipelines.job.runner import Extension
 from pipelines.job.session import training_session
-from pipelines.job.trainer import build_trainer
+from pipelines.job.trainer import build_trainer, run_splits
 from pipelines.manifest import Manifest, ManifestError
 from resnet_core.checkpoint import CheckpointError
 
@@ -449,6 +450,7 @@ class TrialSetup:
     experiment_id: str
     parent_run_id: str
     tags: dict[str, str]
+    datasets: tuple[DatasetInput, ...] = ()  # the trials' MLflow dataset inputs
     extensions: tuple[Extension, ...] = ()  # features added to every trial's training loop
 
 
@@ -486,6 +488,7 @@ def run_trial(params: dict[str, Any], setup: TrialSetup) -> None:
         parent_run_id=setup.parent_run_id,
     )
     tracking.log_params_once(client, run_id, flatten(config))
+    client.log_inputs(run_id, datasets=list(setup.datasets))
     if resumed:
         print(f"trial {trial_id}: continuing MLflow run {run_id}", flush=True)
     trainer = build_trainer(
@@ -614,14 +617,22 @@ def open_parent_run(
         tracking.log_params_once(client, run_id, {**common_params(sweep), **sweep.params()})
     except ValueError as e:
         raise ConfigError(str(e)) from None
+    client.log_inputs(run_id, datasets=sweep_datasets(sweep, manifest))
     return experiment_id, run_id, resumed
 
 
+def sweep_datasets(sweep: SweepConfig, manifest: Manifest) -> list[DatasetInput]:
+    """The dataset inputs of the parent and of every trial: the base config's splits."""
+    return tracking.dataset_inputs(manifest, run_splits(sweep.first))
+
+
 def sweep_tags(sweep: SweepConfig, manifest: Manifest) -> dict[str, str]:
-    """Tags of the parent and of every child (each child adds its model and trial id)."""
+    """Tags of the parent and of every child (each child adds its model and trial id); a run's
+    description (the command line) is set when it is created."""
     base = sweep.first
     return {
         **tracking.environment_tags(),
+        **tracking.description_tags(),
         "recipe": base.recipe,
         "dataset.checksum": manifest.checksum,
         "dataset.uri": storage.redact(base.data.uri),
@@ -992,6 +1003,7 @@ def run_sweep(sweep: SweepConfig, manifest: Manifest, extensions: Sequence[Exten
             experiment_id=experiment_id,
             parent_run_id=parent_run_id,
             tags=sweep_tags(sweep, manifest),
+            datasets=tuple(sweep_datasets(sweep, manifest)),
             extensions=tuple(extensions),
         )
         closer = ChildRunCloser(uri, experiment_id, sweep.name, sweep.bases, manifest)
@@ -1002,11 +1014,16 @@ def run_sweep(sweep: SweepConfig, manifest: Manifest, extensions: Sequence[Exten
     except Exception:
         client.set_terminated(parent_run_id, "FAILED")
         raise
-    return close_sweep(client, uri, parent_run_id, rows, best)
+    return close_sweep(client, uri, experiment_id, parent_run_id, rows, best)
 
 
 def close_sweep(
-    client: Any, uri: str, parent_run_id: str, rows: Sequence[TrialRow], best: TrialRow | None
+    client: Any,
+    uri: str,
+    experiment_id: str,
+    parent_run_id: str,
+    rows: Sequence[TrialRow],
+    best: TrialRow | None,
 ) -> int:
     """End the parent run (KILLED when trials are unfinished) and print the outcome; the exit
     status."""
@@ -1024,7 +1041,7 @@ def close_sweep(
         )
     if failed:
         print(f"{len(failed)} trials failed: {', '.join(failed)} (see their MLflow runs)")
-    print(f"open the MLflow UI: {tracking.ui_command(uri)}")
+    print(f"open the MLflow UI: {tracking.ui_command(uri, experiment_id)}")
     return 1 if failed or best is None else 0
 
 

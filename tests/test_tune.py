@@ -6,6 +6,9 @@
   and a registered model.
 - A sweep whose driver is SIGKILLed resumes when the same command runs again: the finished
   trial is not re-run, the unfinished one completes, the MLflow runs are the same ones.
+- The MLflow UI, in headless Chromium, shows that two-trial sweep and a 6-step resnet-train run
+  as a user would read them (runs, datasets, sources, description, registered model, system
+  metrics).
 
 The module's Ray cluster (2 CPUs) names its dashboard in every worker's environment (see
 ``pipelines.tune.start_ray`` for why); after ``ray.shutdown`` no Ray process of ours is left.
@@ -13,8 +16,11 @@ The module's Ray cluster (2 CPUs) names its dashboard in every worker's environm
 
 from __future__ import annotations
 
+import json
 import math
 import os
+import re
+import shlex
 import signal
 import subprocess
 import sys
@@ -32,6 +38,7 @@ from pipelines import tracking
 from pipelines import tune as tune_cmd
 from pipelines.job.runner import Extension
 from pipelines.job.session import free_loopback_port
+from tests.browser import Browser, MlflowUi, find_chromium
 
 pytestmark = pytest.mark.slow
 
@@ -326,11 +333,19 @@ def folder_snapshot(root: Path) -> dict[str, tuple[int, int]]:
     }
 
 
+@pytest.fixture(scope="module")
+def ui_store(tmp_path_factory: pytest.TempPathFactory) -> str:
+    """The MLflow store of the two-trial sweep below, which the MLflow UI test shows."""
+    return f"sqlite:///{tmp_path_factory.mktemp('ui-store') / 'mlflow.db'}"
+
+
 def test_sweep_resumes_after_its_driver_is_killed(
-    ray_address: str, dataset: Path, mlflow_uri: str, tmp_path: Path, capsys
+    ray_address: str, dataset: Path, ui_store: str, tmp_path: Path, capsys, monkeypatch
 ) -> None:
     from mlflow.tracking import MlflowClient
 
+    mlflow_uri = ui_store
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", mlflow_uri)
     storage = tmp_path / "results"
     # Two trials one after the other, no early stopping (grace period = epochs).
     argv = sweep_args(
@@ -406,6 +421,115 @@ def test_sweep_resumes_after_its_driver_is_killed(
         assert steps == sorted(set(steps))  # resumed runs log no step twice
         epochs = [m.value for m in client.get_metric_history(child.info.run_id, "epoch")]
         assert epochs == [1.0, 2.0]
+
+
+# ---------------------------------------------------------------------------------------------
+# The MLflow UI in a real browser, over the sweep above and a tiny resnet-train run
+# ---------------------------------------------------------------------------------------------
+
+
+def expand_run(browser: Browser, run_name: str) -> None:
+    """Click the expander of a parent run's row in the runs table."""
+    browser.evaluate(
+        f"""(() => {{
+            const link = [...document.querySelectorAll('[role=gridcell] a')]
+                .find(a => a.innerText.trim() === {json.dumps(run_name)});
+            link.closest('[role=gridcell]').querySelector('button').click();
+        }})()"""
+    )
+
+
+def test_the_mlflow_ui_opens_on_the_runs_with_their_data_source_and_models(
+    ray_address: str, dataset: Path, ui_store: str, tmp_path: Path
+) -> None:
+    """`mlflow ui` as the commands print it, in headless Chromium, over the sweep's store plus a
+    6-step resnet-train run (`python -m pipelines.train`, on the module's Ray): the printed link
+    opens the experiment on its runs (not MLflow's GenAI overview); the runs table shows the
+    training run and the sweep with its trials, their dataset (name and digest) and source;
+    the run page shows the description (the command), source, datasets and registered model;
+    the System metrics tab each worker's metrics. Screenshots: tmp_path/*.png."""
+    from mlflow.tracking import MlflowClient
+
+    from pipelines.manifest import read_manifest
+
+    chromium = find_chromium()
+    if chromium is None:
+        pytest.skip("no chromium on this machine: apt-get install -y chromium (README, Tests)")
+    client = MlflowClient(tracking_uri=ui_store)
+    experiment = client.get_experiment_by_name("resnet-ray")
+    sweep = experiment and tracking.find_run(client, experiment.experiment_id, "resume")
+    if sweep is None or sweep.info.status != "FINISHED":
+        pytest.skip("shows the sweep of test_sweep_resumes_after_its_driver_is_killed: run both")
+    trials = [r.info.run_name for r in sweep_runs(client, "resume")[1]]
+    assert experiment.tags[tracking.EXPERIMENT_KIND_TAG] == tracking.MODEL_TRAINING
+    argv = [
+        sys.executable, "-m", "pipelines.train",
+        "--data", str(dataset),
+        "--storage", str(tmp_path / "results"),
+        "--name", "demo-resnet8",
+        "--workers", "1",
+        "--cpus-per-worker", "0.5",
+        "--epochs", "1",
+        "data.decode_cpus=0.5",
+        "train.global_batch=64",
+        "train.export_onnx=false",
+        "train.system_metrics_interval_s=0.5",
+    ]  # fmt: skip
+    env = {
+        **os.environ,
+        "RAY_ADDRESS": ray_address,
+        "RAY_AUTH_MODE": "disabled",
+        "MLFLOW_TRACKING_URI": ui_store,
+        "PYTHONPATH": str(REPO),
+    }
+    with MlflowUi(tracking.ui_command(ui_store), tmp_path) as ui:  # starts while the run trains
+        done = subprocess.run(
+            argv, env=env, cwd=tmp_path, capture_output=True, text=True, timeout=600
+        )
+        assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+        printed = re.search(r"then http://127\.0\.0\.1:5000(/\S+)", done.stdout)
+        assert printed, done.stdout[-2000:]
+        run = tracking.find_run(client, experiment.experiment_id, "demo-resnet8")
+        tags = run.data.tags
+        assert tags["mlflow.source.name"] == "pipelines.train"
+        assert shlex.join(argv) in tags["mlflow.note.content"]  # the exact command
+        digest = read_manifest(str(dataset)).checksum[:12]
+        (version,) = client.search_model_versions(f"run_id = '{run.info.run_id}'")
+        ui.wait_until_up()
+        browser = Browser(chromium, tmp_path / "chromium-profile", width=1600, height=900)
+        try:
+            browser.open(ui.url + printed.group(1))
+            text = browser.wait_for_text(
+                "demo-resnet8", "resume", f"synthetic/train ({digest})", "pipelines.train"
+            )
+            assert browser.evaluate("location.hash").startswith(
+                f"#/experiments/{experiment.experiment_id}/runs"
+            )
+            assert "Token Usage" not in text  # the GenAI overview's
+            # The assistant's side panel, open on a first visit, narrows the table.
+            close = '[data-component-id="mlflow.assistant.chat_panel.close"]'
+            browser.evaluate(f"document.querySelector({json.dumps(close)})?.click()")
+            expand_run(browser, "resume")
+            browser.wait_for_text(*trials, "pipelines.tune")  # the sweep's source
+            browser.screenshot(tmp_path / "runs.png")
+
+            run_page = f"{ui.url}/#/experiments/{experiment.experiment_id}/runs/{run.info.run_id}"
+            browser.open(f"{run_page}?{tracking.UI_MODEL_TRAINING}")
+            browser.wait_for_text(
+                "Started by:",
+                "python -m pipelines.train --data",
+                f"synthetic/train ({digest})",
+                tags["mlflow.source.git.commit"][:7],
+                "Registered models",
+                f"{version.name}\nv{version.version}",
+            )
+            browser.screenshot(tmp_path / "run.png")
+
+            browser.open(f"{run_page}/system-metrics?{tracking.UI_MODEL_TRAINING}")
+            browser.wait_for_text("worker_0/cpu_utilization_percentage")
+            browser.screenshot(tmp_path / "system-metrics.png")
+        finally:
+            browser.close()
 
 
 # ---------------------------------------------------------------------------------------------

@@ -114,14 +114,15 @@ def run_training(
     extensions: Sequence[Extension] = (),
 ) -> dict[str, Any]:
     """Fit the TorchTrainer under MLflow (Ray must be up); returns the final metrics plus
-    ``mlflow_run_id``. The MLflow run ends FINISHED when every step is done and the final model
-    is logged, FAILED otherwise (also on interrupt: TrainingInterrupted)."""
+    ``mlflow_run_id`` and ``mlflow_experiment_id``. The MLflow run ends FINISHED when every step
+    is done and the final model is logged, FAILED otherwise (also on interrupt:
+    TrainingInterrupted)."""
     from mlflow.tracking import MlflowClient
 
     uri = tracking.tracking_uri()
     tracking.quiet_store_logs()
     client = MlflowClient(tracking_uri=uri)
-    run_id, resumed = _open_run(client, uri, config, manifest, plan)
+    experiment_id, run_id, resumed = _open_run(client, uri, config, manifest, plan)
     print(
         f"MLflow run {run_id} ({'resumed' if resumed else 'new'}) in {storage.redact(uri)}",
         flush=True,
@@ -150,13 +151,15 @@ def run_training(
             raise shard_error from None
         raise
     client.set_terminated(run_id, "FINISHED")
-    return {**metrics, "mlflow_run_id": run_id}
+    return {**metrics, "mlflow_run_id": run_id, "mlflow_experiment_id": experiment_id}
 
 
 def _open_run(
     client: Any, uri: str, config: JobConfig, manifest: Manifest, plan: StepPlan
-) -> tuple[str, bool]:
-    """The run's MLflow run (found again by run name, or new), its tags and params set."""
+) -> tuple[str, str, bool]:
+    """``(experiment_id, run_id, resumed)`` of the run's MLflow run (found again by run name,
+    or new), its tags, params and dataset inputs set; a new run's description is the command
+    line that started it."""
     experiment_id = tracking.ensure_experiment(client, config.run.experiment, uri)
     tags = {
         **tracking.environment_tags(),
@@ -168,15 +171,26 @@ def _open_run(
         "plan.steps_per_epoch": str(plan.steps_per_epoch),
         "plan.total_steps": str(plan.total_steps),
     }
-    run_id, resumed = tracking.find_or_create_run(client, experiment_id, config.run_name, tags=tags)
+    run_id, resumed = tracking.find_or_create_run(
+        client, experiment_id, config.run_name, tags={**tags, **tracking.description_tags()}
+    )
     try:
         if resumed:
             tracking.set_tags(client, run_id, tags)
         tracking.log_params_once(client, run_id, flatten(config), may_change=RESUME_MAY_CHANGE)
+        tracking.log_datasets(client, run_id, manifest, run_splits(config))
     except BaseException:
         client.set_terminated(run_id, "FAILED")
         raise
-    return run_id, resumed
+    return experiment_id, run_id, resumed
+
+
+def run_splits(config: JobConfig) -> dict[str, str]:
+    """The splits a training run reads, by MLflow input context."""
+    return {
+        tracking.TRAINING: config.data.train_split,
+        tracking.VALIDATION: config.data.val_split,
+    }
 
 
 # Ray Train turns an interrupt during fit() into its own abort and sys.exit, which loses the
