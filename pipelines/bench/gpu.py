@@ -61,7 +61,7 @@ from pipelines.bench.common import (
 from pipelines.config import ConfigError, JobConfig, validate
 from pipelines.job.parts import build_training
 from pipelines.job.session import local_cpus, ray_session
-from pipelines.job.startup import PHASES as STARTUP_PHASES
+from pipelines.job.startup import phases as startup_phases
 from pipelines.manifest import Manifest, ShardInfo, SplitInfo, read_manifest
 from pipelines.recipes import build_recipe
 from resnet_core.models import is_cifar_model
@@ -324,10 +324,7 @@ def print_targets(
     for name in jobs:
         split = startups[name]
         if split:
-            phases = ", ".join(
-                f"{p.replace('_', ' ')} {split[f'startup/{p}_s']:.1f}" for p in STARTUP_PHASES
-            )
-            print(f"  start-up {name}: {split['startup/total_s']:.1f} s ({phases})")
+            print(f"  start-up {name}: {split['startup/total_s']:.1f} s ({startup_phases(split)})")
             verdict = "met" if split["startup/total_s"] <= TARGET_STARTUP_S else "missed"
             print(
                 f"target {name} start to first step <= {TARGET_STARTUP_S:g} s: {verdict} "

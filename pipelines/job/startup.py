@@ -48,5 +48,9 @@ class Startup:
         return seconds | {"startup/total_s": total}
 
     def line(self, metrics: dict[str, float]) -> str:
-        parts = ", ".join(f"{p.replace('_', ' ')} {metrics[f'startup/{p}_s']:.1f}" for p in PHASES)
-        return f"start-up {metrics['startup/total_s']:.1f} s to the first step: {parts}"
+        return f"start-up {metrics['startup/total_s']:.1f} s to the first step: {phases(metrics)}"
+
+
+def phases(metrics: dict[str, float]) -> str:
+    """``worker group 9.6, build 3.6, ...``: the phases of ``startup/*`` metrics, in order."""
+    return ", ".join(f"{p.replace('_', ' ')} {metrics[f'startup/{p}_s']:.1f}" for p in PHASES)
