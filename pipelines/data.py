@@ -27,6 +27,14 @@ execution: 9-13 s per epoch and rank on a 300-row split, against 0.4 s for ``fro
 out of the object store: only crops travel. Any shard count works: a shard may be split between
 two ranks (each reads only the row groups it needs).
 
+What a task costs besides the decode (issue 15, BENCHMARKS.md "Ray Data overhead"): a local
+shard is memory-mapped and read in the task's thread; rows are taken in task order by index
+and decoded from zero-copy views of the Arrow buffers (no ``take`` of the encoded bytes); the
+map batches decode into slices of one array and the task yields it as one block (map batches
+yielded one by one made a block of several chunks: ~0.15 ms more CPU per 224px image in the
+task and ~0.07 ms in the iterating process, which combines the chunks). The device path
+yields its map batches one by one.
+
 Shuffling, at no memory cost. resnet-prepare shuffles every split before cutting it into
 shards, so any run of rows is a random sample of its split. A training epoch then (1) permutes
 the shards by ``(seed, epoch)`` (the plan), (2) takes the rank's decode tasks (``task_rows``
@@ -668,7 +676,10 @@ def _read_rows(uri: str, start: int, stop: int) -> pa.Table:
 
 def _read_row_groups(uri: str, start: int, stop: int) -> pa.Table:
     fs, path = storage.resolve(uri)
-    with fs.open_input_file(path) as f:
+    # A local shard is memory-mapped and read in this thread: read() into fresh buffers and
+    # Arrow's reader threads cost ~0.1 ms of CPU per full-size image (issue 15, BENCHMARKS.md).
+    local = not storage.is_s3(uri)
+    with pa.memory_map(path) if local else fs.open_input_file(path) as f:
         shard = pq.ParquetFile(f)
         metadata = shard.metadata
         if stop > metadata.num_rows:
@@ -681,7 +692,7 @@ def _read_row_groups(uri: str, start: int, stop: int) -> pa.Table:
             rows = metadata.row_group(group).num_rows
             lo, hi = max(start, offset), min(stop, offset + rows)
             if lo < hi:
-                table = shard.read_row_group(group, columns=COLUMNS)
+                table = shard.read_row_group(group, columns=COLUMNS, use_threads=not local)
                 tables.append(table.slice(lo - offset, hi - lo))
             offset += rows
     return pa.concat_tables(tables)
@@ -694,13 +705,15 @@ def _decode_rows(
     sampler: BoxSampler | None,
     image_size: int,
     rng: np.random.Generator,
+    out: np.ndarray | None = None,
 ) -> tuple[np.ndarray, np.ndarray, str]:
     """Decode and augment; returns (uint8 (N, S, S, 3) images, bool (N,) bad, first error).
 
-    Bad rows are left black; the caller replaces or drops them.
+    ``datas``: encoded images (any bytes-like object). ``out``: the array to decode into (a new
+    one when None). Bad rows are left black; the caller replaces or drops them.
     """
     out_size = image_size if mode != "eval_full" else sampler.size
-    images = np.zeros((len(datas), out_size, out_size, 3), dtype=np.uint8)
+    images = np.empty((len(datas), out_size, out_size, 3), dtype=np.uint8) if out is None else out
     bad = np.zeros(len(datas), dtype=bool)
     first_error = ""
     for i, data in enumerate(datas):
@@ -718,6 +731,7 @@ def _decode_rows(
                 images[i] = decode_crop(data, sampler, rng, flip=flip)
         except Exception as e:  # any failure of one image's bytes makes it a bad image
             bad[i] = True
+            images[i] = 0
             first_error = first_error or f"{type(e).__name__}: {e}"
     return images, bad, first_error
 
@@ -789,39 +803,72 @@ def _decode_chunk(
     order = np.arange(stop - start)
     if options.train:  # a fresh order of the task's rows every epoch ("Shuffling" above)
         order = _task_order(uri, start, stop, seed=seed, epoch=epoch, copy=copy)
-        table = table.take(order)
+    # The rows in task order by index (Table.take would copy every encoded image); the CPU path
+    # decodes from zero-copy views of the Arrow buffers.
+    keys = np.asarray(table.column("key").to_pylist(), dtype=object)[order]
+    labels = table.column("label").to_numpy().astype(np.int64)[order]
+    column = table.column("image")
+    datas = column.to_pylist() if options.device is not None else _binary_views(column)
+    datas = [datas[i] for i in order]
     row_ids = int(chunk["base"][0]) + start + order
     sampler = _sampler(options)
+    # The CPU path: one output array and one block per task, map batches decoding into their
+    # slices (see "What a task costs" above). The device path yields its map batches as they come.
+    size = options.crop_size
+    out = np.empty((stop - start, size, size, 3), np.uint8) if options.device is None else None
     # Map batches: fixed slices of the (permuted) task, map_batch_rows each and cut at the
     # multiples of map_batch_rows from the shard start, so their random draws depend on the
     # plan, not on which node decodes them.
+    parts = []
     for lo, hi in _aligned_pieces(start, stop, options.map_batch_rows):
-        rows = table.slice(lo - start, hi - lo)
-        keys = rows.column("key").to_pylist()
-        key = [seed, epoch, zlib.crc32("\0".join(keys).encode())] + ([copy] if copy else [])
+        part = slice(lo - start, hi - start)
+        batch_keys = keys[part].tolist()
+        key = [seed, epoch, zlib.crc32("\0".join(batch_keys).encode())] + ([copy] if copy else [])
         rng = np.random.default_rng(key)  # a repeat of the rows gets draws of its own
         where = f"rows {lo}..{hi - 1} of {storage.redact(uri)}"
-        decoded = _decode_map_batch(rows, keys, options, sampler, rng, where)
-        yield {**decoded, "row": row_ids[lo - start : hi - start]}
+        into = None if out is None else out[part]
+        decoded = _decode_map_batch(
+            datas[part], labels[part], batch_keys, options, sampler, rng, where, out=into
+        )
+        parts.append({**decoded, "row": row_ids[part]})
+        if out is None:
+            yield parts.pop()
+    if out is not None:
+        names = [name for name in parts[0] if name != "image"]
+        yield {"image": out} | {name: np.concatenate([p[name] for p in parts]) for name in names}
+
+
+def _binary_views(column: pa.ChunkedArray) -> list[memoryview]:
+    """Each value of a binary column as a zero-copy view of its Arrow buffer."""
+    views: list[memoryview] = []
+    for chunk in column.chunks:
+        _, offsets, values = chunk.buffers()
+        width = 8 if pa.types.is_large_binary(chunk.type) else 4
+        ends = np.frombuffer(offsets, f"<i{width}", len(chunk) + 1, chunk.offset * width).tolist()
+        data = memoryview(values if values is not None else b"")
+        views += [data[a:b] for a, b in pairwise(ends)]
+    return views
 
 
 def _decode_map_batch(
-    rows: pa.Table,
+    datas: Sequence[bytes | memoryview],
+    labels: np.ndarray,
     keys: list[str],
     options: DecodeOptions,
     sampler: BoxSampler | None,
     rng: np.random.Generator,
     where: str,
+    out: np.ndarray | None = None,
 ) -> dict[str, np.ndarray]:
-    """One map batch of a decode task (see :func:`_decode_chunk`); ``where`` names its rows."""
-    mode, datas = options.mode, rows.column("image").to_pylist()
-    labels = rows.column("label").to_numpy().astype(np.int64)
+    """One map batch of a decode task (see :func:`_decode_chunk`); ``where`` names its rows.
+    ``labels`` is modified in place; the CPU path decodes into ``out`` (a new array if None)."""
+    mode = options.mode
     crops: dict[str, np.ndarray] = {}  # the device path's per-row crop columns
     if options.device is not None and not options.decodes_on_cpu(keys):
         images, crops, bad, error = _plan_rows(datas, mode=mode, sampler=sampler, rng=rng)
     else:
         images, bad, error = _decode_rows(
-            datas, mode=mode, sampler=sampler, image_size=options.image_size, rng=rng
+            datas, mode=mode, sampler=sampler, image_size=options.image_size, rng=rng, out=out
         )
         if options.device is not None:  # hybrid decode: this map batch travels as pixels
             images, crops = _raw_rows(images)
@@ -845,6 +892,9 @@ def _decode_map_batch(
         images = random_affine(images, rng)
     if options.augment:
         images = options.augment(images, rng)
+    if out is not None and images is not out:  # the CIFAR crops and the policies make new arrays
+        out[...] = images
+        images = out
     return {"image": images, "label": labels, "key": keys_out, "bad": bad, **crops}
 
 
@@ -892,9 +942,8 @@ def _chunks(plan: EpochPlan, task_rows: int) -> list[dict[str, Any]]:
 
 def decode_inline(plan: EpochPlan, options: DecodeOptions) -> Iterator[dict[str, np.ndarray]]:
     """The plan's decode tasks run one after another in this process, without Ray: the same
-    rows, order, crops and flips as :func:`build_dataset` (map batches of
-    ``options.map_batch_rows``). For a bare single-process loop measured against the Ray
-    pipeline."""
+    rows, order, crops and flips as :func:`build_dataset`, in the pieces its tasks yield. For a
+    bare single-process loop measured against the Ray pipeline."""
     options.check_plan(plan)
     for chunk in _chunks(plan, options.task_rows):
         yield from _decode_chunk(

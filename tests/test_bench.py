@@ -34,21 +34,25 @@ def _write_jpegs(folder: Path, count: int) -> None:
         Image.fromarray(pixels).save(folder / f"img_{i:02d}.JPEG", quality=90)
 
 
-@pytest.mark.slow
-def test_bench_data_prints_every_ratio(tmp_path):
+def _bench_data(tmp_path: Path, *flags: str) -> str:
+    """``resnet-bench data`` on 6 generated JPEGs with ``flags``; its output."""
     images = tmp_path / "images"
     images.mkdir()
     _write_jpegs(images, 6)
     env = {**os.environ, "RAY_AUTH_MODE": "disabled", "PYTHONPATH": str(ROOT)}
     command = [
         sys.executable, "-m", "pipelines.bench", "data", "--images", str(images),
-        "--seconds", "0.3", "--ray-rows", "24", "--batch-size", "4", "--num-cpus", "2",
+        "--seconds", "0.3", "--ray-rows", "24", "--batch-size", "4", "--num-cpus", "2", *flags,
     ]  # fmt: skip
     run = subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
     assert run.returncode == 0, run.stderr[-3000:]
-    out = run.stdout
-    assert "6 images from" in out
-    assert f"JPEG decoder: {EXPECTED_DECODER}" in out
+    assert "6 images from" in run.stdout
+    assert f"JPEG decoder: {EXPECTED_DECODER}" in run.stdout
+    return run.stdout
+
+
+def test_bench_data_per_core_prints_every_ratio(tmp_path):
+    out = _bench_data(tmp_path, "--only", "per-core")
     for name in (
         "ours_paper",
         "ours_inception",
@@ -56,17 +60,41 @@ def test_bench_data_prints_every_ratio(tmp_path):
         "ours_paper_320",
         "pillow_paper",
         "pillow_paper_320",
-        "ray_paper_per_cpu",
-        "ray_paper_320_per_cpu",
     ):
         assert re.search(rf"^ratio {name}/torchvision_classic: \d+\.\d\dx$", out, re.M), out
-    assert re.search(
-        r"^  ray_paper +\d+\.\d img/s end to end on 2 CPUs \(\d+ images, Ray Data\)", out, re.M
-    )
     assert len(re.findall(r"^target .* (met|missed) \(\d+\.\d\dx\)$", out, re.M)) == 2
     for policy in ("ta_wide", "ra", "imagenet", "augmix"):  # what each policy adds to a crop
         assert re.search(rf"^policy {policy}: \+-?\d+\.\d\d ms per image per core", out, re.M)
     assert re.search(r"^ratio ours_inception_ta_wide/torchvision_ta_wide: \d+\.\d\dx$", out, re.M)
+    assert "ray_paper" not in out  # --only per-core: no Ray run
+
+
+@pytest.mark.slow
+def test_bench_data_ray_prints_the_overhead_and_where_the_cpu_goes(tmp_path):
+    out = _bench_data(tmp_path, "--only", "ray")
+    for name in ("ray_paper", "ray_paper_320"):
+        reference = name.replace("ray_", "ours_")
+        assert re.search(
+            rf"^  {name} +\d+\.\d img/s end to end on 2 CPUs \(\d+ images, Ray Data\)", out, re.M
+        )
+        split = re.search(
+            rf"^  {name} CPU per image: ([\d.]+) ms = decode tasks' processes ([\d.]+) \+ "
+            rf"driver ([\d.]+) \+ Ray's own processes ([\d.]+); {reference} in one process",
+            out,
+            re.M,
+        )
+        assert split, out
+        total, *parts = (float(v) for v in split.groups())
+        assert abs(total - sum(parts)) < 0.02  # the parts add up
+        assert min(parts[:2]) > 0  # the decode tasks' processes told from the driver
+        assert re.search(
+            rf"^  {name} fixed cost of an epoch \(start-up, end\): -?\d+ CPU ms", out, re.M
+        )
+        assert re.search(rf"^ratio {name}_per_cpu/{reference}: \d+\.\d\dx$", out, re.M)
+        assert re.search(
+            rf"^target {name}_per_cpu/{reference} >= 0\.8x: (met|missed) \(\d+\.\d\dx\)$", out, re.M
+        )
+    assert "torchvision_classic" not in out  # --only ray: no per-core pipelines
 
 
 def test_bench_data_rejects_a_folder_without_images(tmp_path, capsys):

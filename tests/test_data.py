@@ -5,6 +5,7 @@ from __future__ import annotations
 import dataclasses
 import io
 import json
+import zlib
 from collections import Counter
 from pathlib import Path
 
@@ -17,7 +18,7 @@ from PIL import Image
 from pipelines import data
 from pipelines.manifest import read_manifest
 from pipelines.prepare import main as prepare_main
-from resnet_core.transforms import ImageAugment
+from resnet_core.transforms import ImageAugment, decode_crop
 from tests.fixtures_imagenet import write_shard
 
 IMAGE_SIZE = 32  # small crops keep decoding fast; the synthetic images are 160-400 px
@@ -342,6 +343,35 @@ def test_mode_must_fit_the_plan(manifest):
         data.build_dataset(plan, data.DecodeOptions(mode="paper", image_size=IMAGE_SIZE))
     with pytest.raises(ValueError, match="shuffle_buffer is for training"):
         data.DecodeOptions(mode="eval_center", image_size=32, shuffle_buffer=8)
+
+
+def test_a_decode_task_yields_its_map_batches_crops_as_one_block(tmp_path):
+    """A training task decodes its permuted rows map batch by map batch, each with the generator
+    of (seed, epoch, crc32 of its keys), into one contiguous array: one block for Ray Data, the
+    pixels of a decode in one process; a bad row is a copy of a good row of its map batch."""
+    images = [_jpeg(i, (80 + 8 * i, 64)) for i in range(12)]
+    images[5] = b"not an image"
+    uri = write_shard(tmp_path / "s.parquet", images, row_group_size=5)  # groups cut the task
+    chunk = {"uri": [uri], "start": [1], "stop": [11], "base": [100], "copy": [0]}
+    options = data.DecodeOptions(mode="paper", image_size=IMAGE_SIZE, map_batch_rows=4)
+    (block,) = data._decode_chunk(
+        {key: np.asarray(value) for key, value in chunk.items()}, options=options, seed=3, epoch=2
+    )
+    rows = 1 + data._task_order(uri, 1, 11, seed=3, epoch=2)
+    assert block["row"].tolist() == (100 + rows).tolist()
+    assert block["image"].shape == (10, IMAGE_SIZE, IMAGE_SIZE, 3)
+    assert block["image"].flags.c_contiguous
+    crops, sources = {}, []
+    for part in (rows[0:3], rows[3:7], rows[7:10]):  # cut at the multiples of 4 of the shard
+        keys = "\0".join(f"hand/{row:03d}" for row in part).encode()
+        rng = np.random.default_rng([3, 2, zlib.crc32(keys)])
+        good = [row for row in part if row != 5]
+        for row in good:  # the bad row draws nothing and becomes the first good row's copy
+            crops[row] = decode_crop(images[row], data._sampler(options), rng)
+        sources += [row if row != 5 else good[0] for row in part]
+    np.testing.assert_array_equal(block["image"], np.stack([crops[row] for row in sources]))
+    assert block["label"].tolist() == sources
+    assert block["bad"].tolist() == [row == 5 for row in rows]
 
 
 def test_undecodable_images_are_counted_not_fatal(ray_local, tmp_path):
