@@ -183,8 +183,12 @@ class DecodeOptions:
     eval_resize: evaluation's shorter side before the centre crop (default ``image_size`` x
     256 / 224, the paper's 256 for 224).
     num_cpus: CPUs per decode task; concurrency: concurrent tasks (None: Ray decides).
-    map_batch_rows: rows that share one random generator; task_rows: rows per decode task, a
-    multiple of map_batch_rows (default :func:`default_task_rows`: about 16 MB of output).
+    map_batch_rows: rows that share one random generator; task_rows: rows per chunk, the unit
+    of the epoch's order, a multiple of map_batch_rows (default :func:`default_task_rows`:
+    about 16 MB of output); chunks_per_task: chunks one decode task decodes in turn, one block
+    per task (execution only: the rows, order and pixels are the same for any value; None:
+    :func:`chunks_per_task` for the cluster the dataset is built on; always 1 with a
+    shuffle buffer, whose mixing depends on the blocks).
     device: decode on this device in the iterating process (the Train worker's GPU; see the
     module docstring) instead of in the tasks; None: in the tasks.
     prefer_nodes: node labels (key, value) the decode tasks go to first (CPU-only decode nodes);
@@ -204,6 +208,7 @@ class DecodeOptions:
     concurrency: int | None = None
     map_batch_rows: int = 64
     task_rows: int | None = None
+    chunks_per_task: int | None = None
     device: torch.device | None = None
     prefer_nodes: tuple[tuple[str, str], ...] = ()
     prefetch_batches: int = 2
@@ -231,6 +236,13 @@ class DecodeOptions:
             raise ValueError("per-image augment policies run in training decode tasks only")
         if self.image_size < 1:
             raise ValueError(f"image_size {self.image_size} must be positive")
+        if self.chunks_per_task is not None and self.chunks_per_task < 1:
+            raise ValueError(f"chunks_per_task {self.chunks_per_task} must be positive (or None)")
+        if self.shuffle_buffer and (self.chunks_per_task or 1) > 1:
+            raise ValueError(
+                f"chunks_per_task {self.chunks_per_task} with a shuffle buffer: its mixing "
+                "depends on the blocks, so it takes one chunk per task (pass None or 1)"
+            )
         # Resolved defaults (the dataclass is frozen: set through object.__setattr__).
         eval_resize = self.eval_resize or round(self.image_size * 256 / 224)
         if eval_resize < self.image_size:
@@ -686,16 +698,37 @@ def _read_row_groups(uri: str, start: int, stop: int) -> pa.Table:
             raise _unreadable(
                 uri, f"has {metadata.num_rows} rows, the manifest promised at least {stop}"
             )
-        tables = []
+        batches = []
         offset = 0
         for group in range(metadata.num_row_groups):
             rows = metadata.row_group(group).num_rows
-            lo, hi = max(start, offset), min(stop, offset + rows)
-            if lo < hi:
-                table = shard.read_row_group(group, columns=COLUMNS, use_threads=not local)
-                tables.append(table.slice(lo - offset, hi - lo))
+            if max(start, offset) < min(stop, offset + rows):
+                batches += _group_rows(shard, group, offset, start, stop, threads=not local)
             offset += rows
-    return pa.concat_tables(tables)
+    return pa.Table.from_batches(batches)
+
+
+READ_BATCH_ROWS = 16  # rows Arrow decodes at a time from a row group
+
+
+def _group_rows(
+    shard: pq.ParquetFile, group: int, offset: int, start: int, stop: int, *, threads: bool
+) -> list[pa.RecordBatch]:
+    """Rows ``[start, stop)`` of the shard from its row group ``group`` (first row ``offset``),
+    decoding the group only up to ``stop``: a chunk is often a quarter of a row group, and the
+    rest cost ~0.1 ms per full-size image in page faults and copies (BENCHMARKS.md)."""
+    batches = []
+    at = offset
+    for batch in shard.iter_batches(
+        READ_BATCH_ROWS, row_groups=[group], columns=COLUMNS, use_threads=threads
+    ):
+        lo, hi = max(start, at), min(stop, at + batch.num_rows)
+        if lo < hi:
+            batches.append(batch.slice(lo - at, hi - lo))
+        at += batch.num_rows
+        if at >= stop:
+            break
+    return batches
 
 
 def _decode_rows(
@@ -785,23 +818,55 @@ def _raw_rows(images: np.ndarray) -> tuple[np.ndarray, dict[str, np.ndarray]]:
     return out, crops | {"raw": np.ones(len(images), dtype=bool)}
 
 
-def _decode_chunk(
-    chunk: dict[str, np.ndarray], *, options: DecodeOptions, seed: int, epoch: int
+def _decode_chunks(
+    chunks: dict[str, np.ndarray], *, options: DecodeOptions, seed: int, epoch: int
 ) -> Iterator[dict[str, np.ndarray]]:
-    """Ray Data task: one chunk ``{"uri", "start", "stop", "base", "copy"}`` (see
-    :class:`ShardRange`) -> decoded map batches.
+    """Ray Data task: a batch of chunks ``{"uri", "start", "stop", "base", "copy"}`` (see
+    :class:`ShardRange`), decoded in turn -> decoded rows.
 
     Output columns: image uint8 (N, S, S, 3), label int64, key str, row int64 (the row's id in
     the split, see :class:`ShardRange`), bad bool (a replaced copy in training, a row to drop in
-    evaluation). Device decode (``options.device``): image is bytes
-    (see :func:`_plan_rows`), plus box float64 (N, 4), flip bool and raw bool; bad rows stay as
-    they are, for the worker to replace or drop.
+    evaluation). The CPU path yields one block for the whole task: its map batches decode into
+    slices of one array (see "What a task costs" above). Device decode (``options.device``):
+    image is bytes (see :func:`_plan_rows`), plus box float64 (N, 4), flip bool and raw bool,
+    one block per map batch; bad rows stay as they are, for the worker to replace or drop.
     """
-    uri, start, stop = str(chunk["uri"][0]), int(chunk["start"][0]), int(chunk["stop"][0])
-    copy = int(chunk["copy"][0])
+    size, rows = options.crop_size, int(np.sum(chunks["stop"] - chunks["start"]))
+    out = np.empty((rows, size, size, 3), np.uint8) if options.device is None else None
+    parts, at = [], 0
+    for i in range(len(chunks["uri"])):
+        chunk = {name: column[i] for name, column in chunks.items()}
+        into = None if out is None else out[at:]
+        for part in _decode_chunk(chunk, options=options, seed=seed, epoch=epoch, out=into):
+            if out is None:
+                yield part
+            else:
+                parts.append(part)
+        at += int(chunk["stop"] - chunk["start"])
+    if out is not None:
+        names = [name for name in parts[0] if name != "image"]
+        yield {"image": out} | {name: np.concatenate([p[name] for p in parts]) for name in names}
+
+
+def _decode_chunk(
+    chunk: dict[str, Any],
+    *,
+    options: DecodeOptions,
+    seed: int,
+    epoch: int,
+    out: np.ndarray | None,
+) -> Iterator[dict[str, np.ndarray]]:
+    """One chunk of a decode task (see :func:`_decode_chunks`) -> its decoded map batches, in
+    task order; the CPU path decodes them into the leading rows of ``out``."""
+    uri, start, stop, copy = (
+        str(chunk["uri"]),
+        int(chunk["start"]),
+        int(chunk["stop"]),
+        int(chunk["copy"]),
+    )
     table = _read_rows(uri, start, stop)
     order = np.arange(stop - start)
-    if options.train:  # a fresh order of the task's rows every epoch ("Shuffling" above)
+    if options.train:  # a fresh order of the chunk's rows every epoch ("Shuffling" above)
         order = _task_order(uri, start, stop, seed=seed, epoch=epoch, copy=copy)
     # The rows in task order by index (Table.take would copy every encoded image); the CPU path
     # decodes from zero-copy views of the Arrow buffers.
@@ -810,16 +875,11 @@ def _decode_chunk(
     column = table.column("image")
     datas = column.to_pylist() if options.device is not None else _binary_views(column)
     datas = [datas[i] for i in order]
-    row_ids = int(chunk["base"][0]) + start + order
+    row_ids = int(chunk["base"]) + start + order
     sampler = _sampler(options)
-    # The CPU path: one output array and one block per task, map batches decoding into their
-    # slices (see "What a task costs" above). The device path yields its map batches as they come.
-    size = options.crop_size
-    out = np.empty((stop - start, size, size, 3), np.uint8) if options.device is None else None
-    # Map batches: fixed slices of the (permuted) task, map_batch_rows each and cut at the
+    # Map batches: fixed slices of the (permuted) chunk, map_batch_rows each and cut at the
     # multiples of map_batch_rows from the shard start, so their random draws depend on the
-    # plan, not on which node decodes them.
-    parts = []
+    # plan, not on which node decodes them or which chunks share a task.
     for lo, hi in _aligned_pieces(start, stop, options.map_batch_rows):
         part = slice(lo - start, hi - start)
         batch_keys = keys[part].tolist()
@@ -830,12 +890,7 @@ def _decode_chunk(
         decoded = _decode_map_batch(
             datas[part], labels[part], batch_keys, options, sampler, rng, where, out=into
         )
-        parts.append({**decoded, "row": row_ids[part]})
-        if out is None:
-            yield parts.pop()
-    if out is not None:
-        names = [name for name in parts[0] if name != "image"]
-        yield {"image": out} | {name: np.concatenate([p[name] for p in parts]) for name in names}
+        yield {**decoded, "row": row_ids[part]}
 
 
 def _binary_views(column: pa.ChunkedArray) -> list[memoryview]:
@@ -942,12 +997,15 @@ def _chunks(plan: EpochPlan, task_rows: int) -> list[dict[str, Any]]:
 
 def decode_inline(plan: EpochPlan, options: DecodeOptions) -> Iterator[dict[str, np.ndarray]]:
     """The plan's decode tasks run one after another in this process, without Ray: the same
-    rows, order, crops and flips as :func:`build_dataset`, in the pieces its tasks yield. For a
-    bare single-process loop measured against the Ray pipeline."""
+    rows, order, crops and flips as :func:`build_dataset`, in the blocks of tasks of one chunk
+    each (``options.chunks_per_task`` when set). For a bare single-process loop measured against
+    the Ray pipeline."""
     options.check_plan(plan)
-    for chunk in _chunks(plan, options.task_rows):
-        yield from _decode_chunk(
-            {key: np.asarray([value]) for key, value in chunk.items()},
+    chunks, per_task = _chunks(plan, options.task_rows), options.chunks_per_task or 1
+    for lo in range(0, len(chunks), per_task):
+        group = chunks[lo : lo + per_task]
+        yield from _decode_chunks(
+            {key: np.asarray([chunk[key] for chunk in group]) for key in group[0]},
             options=options,
             seed=plan.seed,
             epoch=plan.epoch,
@@ -958,7 +1016,8 @@ def build_dataset(plan: EpochPlan, options: DecodeOptions) -> ray.data.Dataset:
     """The rank's epoch as a Ray Dataset of decoded rows, in plan order.
 
     Columns: image uint8 (``options.crop_size`` square), label int64, key str, bad bool. Each
-    decode task reads ``options.task_rows`` rows with ``options.num_cpus`` CPUs. With
+    decode task decodes ``options.chunks_per_task`` chunks of ``options.task_rows`` rows (None:
+    :func:`chunks_per_task` for this cluster) with ``options.num_cpus`` CPUs. With
     ``options.device`` the tasks only plan the crops: image is then the encoded bytes, with box,
     flip and raw columns (see the module docstring, "Decoding on the Train worker's device").
     """
@@ -966,6 +1025,10 @@ def build_dataset(plan: EpochPlan, options: DecodeOptions) -> ray.data.Dataset:
     chunks = _chunks(plan, options.task_rows)
     if not chunks:
         raise ValueError(f"rank {plan.rank} reads no rows of split {plan.split!r} in this plan")
+    per_task = options.chunks_per_task or (
+        1 if options.shuffle_buffer else chunks_per_task(options, smallest_object_store())
+    )
+    # One chunk per input block: the map below bundles exactly ``per_task`` of them per task.
     ds = ray.data.from_items(chunks, override_num_blocks=len(chunks))
     # Blocks leave in input order whichever task finishes first; this dataset's own context (and
     # its descendants'), not the process-wide one. No progress bars in Train workers' logs.
@@ -979,8 +1042,8 @@ def build_dataset(plan: EpochPlan, options: DecodeOptions) -> ray.data.Dataset:
             "fallback_strategy": [{"label_selector": {}}],
         }
     return ds.map_batches(
-        _decode_chunk,
-        batch_size=1,
+        _decode_chunks,
+        batch_size=per_task,
         batch_format="numpy",
         fn_kwargs={"options": options, "seed": plan.seed, "epoch": plan.epoch},
         num_cpus=options.num_cpus,
@@ -1188,6 +1251,34 @@ def default_task_rows(side: int, map_batch_rows: int) -> int:
     """
     batches = max(1, TASK_BYTES // (side * side * 3 * map_batch_rows))
     return min(batches * map_batch_rows, max(map_batch_rows, MAX_TASK_ROWS))
+
+
+RAY_TASK_ROWS = 512  # rows a decode task aims to work through (several chunks of large crops)
+STORE_SHARE = 16  # a decode task's output stays under this share of the smallest node's store
+
+
+def chunks_per_task(options: DecodeOptions, store_bytes: float) -> int:
+    """How many chunks (``options.task_rows`` rows each) one decode task decodes: about
+    :data:`RAY_TASK_ROWS` rows, so that the gap between a CPU's tasks stays small against their
+    work — Ray Data's scheduling loop learns that a task ended up to 0.2 s late (it polls
+    every 0.1 s; ray-project/ray#42377, BENCHMARKS.md "Ray Data overhead"); and its output,
+    one block, at most ``1 / STORE_SHARE`` of ``store_bytes``, the smallest node's object store
+    (77 MB blocks spilled an 80 MiB store, see :func:`default_task_rows`). Which chunks share a
+    task changes nothing in the rows, their order or their pixels."""
+    chunk_bytes = options.task_rows * options.crop_size**2 * 3
+    by_work = RAY_TASK_ROWS // options.task_rows
+    by_memory = int(store_bytes // (STORE_SHARE * chunk_bytes))
+    return max(1, min(by_work, by_memory))
+
+
+def smallest_object_store() -> float:
+    """The object store of the cluster's smallest live node with CPUs, in bytes (0: none)."""
+    stores = [
+        node["Resources"].get("object_store_memory", 0.0)
+        for node in ray.nodes()
+        if node["Alive"] and node["Resources"].get("CPU")
+    ]
+    return min(stores, default=0.0)
 
 
 class EpochBatches:

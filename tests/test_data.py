@@ -234,6 +234,53 @@ def test_same_seed_gives_the_same_batches_pixel_for_pixel(manifest):
     assert sum(torch.equal(crops[k], other_crops[k]) for k in crops) < len(crops) // 4
 
 
+def test_which_chunks_share_a_decode_task_changes_no_row_order_or_pixel(manifest):
+    """chunks_per_task is execution only: one chunk per task, three, or the cluster's choice
+    (here all of them: 8-row chunks of 32 px) give the same batches pixel for pixel, from as
+    many blocks as tasks."""
+    import ray
+
+    batches = {k: _epoch(manifest, chunks_per_task=k) for k in (1, 3, None)}
+    for k in (3, None):
+        assert _keys(batches[k]) == _keys(batches[1])
+        pairs = zip(batches[1], batches[k], strict=True)
+        assert all(torch.equal(a.images, b.images) for a, b in pairs)
+    plan = data.plan_epoch(
+        manifest, "train", train=True, world_size=1, rank=0, epoch=0, seed=0, batch_size=4
+    )
+    chunks = len(data._chunks(plan, 8))
+    assert 0 < data.smallest_object_store() <= ray.cluster_resources()["object_store_memory"]
+    for k, tasks in ((1, chunks), (3, -(-chunks // 3)), (None, 1)):
+        options = data.DecodeOptions(
+            mode="paper", image_size=IMAGE_SIZE, map_batch_rows=4, task_rows=8, chunks_per_task=k
+        )
+        assert data.build_dataset(plan, options).materialize().num_blocks() == tasks
+
+
+def test_a_decode_task_takes_about_512_rows_within_a_sixteenth_of_the_smallest_store():
+    large = data.DecodeOptions(mode="paper", image_size=224)  # 64-row chunks, 9.6 MB of crops
+    assert large.task_rows == 64
+    assert data.chunks_per_task(large, 8 * 2**30) == 8  # 512 rows
+    assert data.chunks_per_task(large, 400 * 2**20) == 2  # 25 MiB of output at most
+    assert data.chunks_per_task(large, 80 * 2**20) == 1  # never less than one chunk
+    small = data.DecodeOptions(mode="cifar", image_size=32)
+    assert data.chunks_per_task(small, 8 * 2**30) == 1  # its chunks are 512 rows already
+    with pytest.raises(ValueError, match="chunks_per_task 0 must be positive"):
+        data.DecodeOptions(mode="paper", image_size=224, chunks_per_task=0)
+    with pytest.raises(ValueError, match="its mixing depends on the blocks"):
+        data.DecodeOptions(mode="paper", image_size=224, chunks_per_task=2, shuffle_buffer=64)
+
+
+def test_a_range_reads_exactly_its_rows_across_row_groups(tmp_path):
+    images = [_jpeg(i, (20, 16)) for i in range(50)]
+    uri = write_shard(tmp_path / "s.parquet", images, row_group_size=40)
+    whole = pq.read_table(uri)
+    for start, stop in ((0, 50), (3, 37), (17, 33), (38, 45), (16, 32), (49, 50)):
+        table = data._read_rows(uri, start, stop)
+        for column in ("image", "label", "key"):
+            assert table.column(column).to_pylist() == whole.column(column).to_pylist()[start:stop]
+
+
 def test_per_image_policies_change_every_crop_and_replay_exactly(manifest):
     """TrivialAugment then RandomErasing (p=1) in the decode tasks: the same rows, every image
     changed and holding an erased box of the given colour; the same plan gives the same
@@ -354,7 +401,7 @@ def test_a_decode_task_yields_its_map_batches_crops_as_one_block(tmp_path):
     uri = write_shard(tmp_path / "s.parquet", images, row_group_size=5)  # groups cut the task
     chunk = {"uri": [uri], "start": [1], "stop": [11], "base": [100], "copy": [0]}
     options = data.DecodeOptions(mode="paper", image_size=IMAGE_SIZE, map_batch_rows=4)
-    (block,) = data._decode_chunk(
+    (block,) = data._decode_chunks(
         {key: np.asarray(value) for key, value in chunk.items()}, options=options, seed=3, epoch=2
     )
     rows = 1 + data._task_order(uri, 1, 11, seed=3, epoch=2)

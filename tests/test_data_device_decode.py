@@ -70,7 +70,7 @@ def _chunk(uri: str, rows: int, *, on_worker: bool, mode: str = "paper") -> dict
         task_rows=rows,
         device="cpu" if on_worker else None,
     )
-    (out,) = data._decode_chunk(chunk, options=options, seed=0, epoch=0)
+    (out,) = data._decode_chunks(chunk, options=options, seed=0, epoch=0)
     return out
 
 
@@ -282,7 +282,7 @@ def _map_batches(uri: str, rows: int, **options) -> list[dict[str, np.ndarray]]:
     options = data.DecodeOptions(
         mode="paper", image_size=IMAGE_SIZE, map_batch_rows=4, task_rows=rows, **options
     )
-    return list(data._decode_chunk(chunk, options=options, seed=0, epoch=0))
+    return list(data._decode_chunks(chunk, options=options, seed=0, epoch=0))
 
 
 def test_hybrid_decode_sends_map_batches_to_the_cpu_by_their_keys_with_the_same_crops(tmp_path):

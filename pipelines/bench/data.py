@@ -66,7 +66,6 @@ POLICIES = ("ta_wide", "ra", "imagenet", "augmix")
 RE_ENCODE_MAX_SIDE = 320  # FFCV-style re-encoding of the (e) pipeline and the small shards
 # Targets of the data pipeline (ours vs the classic pipeline, per core).
 TARGETS = {"ours_paper": 1.8, "ours_paper_320": 4.0}
-RAY_TASK_ROWS = 128  # decode task size of the Ray run: small enough to keep every CPU busy
 # Rows of the temporary shards' training split: an epoch's fixed cost (~0.1 CPU s) then adds
 # ~0.02 ms per image, against ~0.1 ms at 1,024 rows (training epochs are far longer).
 RAY_ROWS = 4096
@@ -268,8 +267,11 @@ def measure_ray(uri: str, split: str, *, batch_size: int, seconds: float) -> Ray
     followed by a slice of the in-process reference (:class:`Reference`); then three epochs of
     one batch for an epoch's fixed cost."""
     manifest = read_manifest(uri)
-    options = data.DecodeOptions(
-        mode="paper", image_size=224, task_rows=RAY_TASK_ROWS, map_batch_rows=RAY_TASK_ROWS // 4
+    options = data.DecodeOptions(mode="paper", image_size=224)  # the training job's defaults
+    print(
+        f"  decode tasks: {data.chunks_per_task(options, data.smallest_object_store())} chunks "
+        f"of {options.task_rows} rows each (pipelines.data.chunks_per_task)",
+        flush=True,
     )
 
     def epoch(number: int, cpu: Counter, max_batches: int | None = None) -> int:
