@@ -166,9 +166,17 @@ def test_bench_memory_streams_epochs_and_reports_the_store(tmp_path):
             "--epochs", "3", "--batch-size", "16", "--num-cpus", "2",
         ]
     )  # fmt: skip
-    epochs = re.findall(r"^  epoch (\d): +\d+\.\d img/s, trainer RSS +(\d+\.\d) MiB", out, re.M)
-    assert [e for e, _ in epochs] == ["1", "2", "3"], out
-    assert all(float(rss) > 100 for _, rss in epochs), out  # a Train worker holds torch
+    epochs = re.findall(
+        r"^  epoch (\d): +\d+\.\d img/s, trainer RSS +(\d+\.\d) MiB "
+        r"\(its own (\d+\.\d), object store's (\d+\.\d)\)",
+        out,
+        re.M,
+    )
+    assert [e for e, *_ in epochs] == ["1", "2", "3"], out
+    for _, rss, own, store in epochs:
+        assert float(own) > 100, out  # a Train worker holds torch
+        assert 0 < float(store) <= 80, out  # it has read crops from the 80 MiB store
+        assert abs(float(own) + float(store) - float(rss)) < 0.2, out
     store = re.search(r"^  object store: peak (\d+\.\d) MiB of (\d+) MiB", out, re.M)
     assert store, out
     assert float(store.group(1)) > 0, out
