@@ -27,22 +27,25 @@ execution: 9-13 s per epoch and rank on a 300-row split, against 0.4 s for ``fro
 out of the object store: only crops travel. Any shard count works: a shard may be split between
 two ranks (each reads only the row groups it needs).
 
-What a task costs besides the decode (issue 15, BENCHMARKS.md "Ray Data overhead"): a local
-shard is memory-mapped and read in the task's thread; rows are taken in task order by index
-and decoded from zero-copy views of the Arrow buffers (no ``take`` of the encoded bytes); the
-map batches decode into slices of one array and the task yields it as one block (map batches
-yielded one by one made a block of several chunks: ~0.15 ms more CPU per 224px image in the
-task and ~0.07 ms in the iterating process, which combines the chunks). The device path
-yields its map batches one by one.
+What a task costs besides the decode (issue 15, BENCHMARKS.md "Ray Data overhead"): Ray Data
+notices that a task ended only ~0.1-0.2 s late (its scheduler polls), so a task decodes several
+chunks in turn (:func:`chunks_per_task`: ~512 rows, within a share of the object store) and its
+CPU idles less; a local shard is memory-mapped and read in the task's thread, only up to the
+chunk's last row; rows are taken in chunk order by index and decoded from zero-copy views of
+the Arrow buffers (no ``take`` of the encoded bytes); the map batches decode into slices of one
+array and the task yields it as one block (map batches yielded one by one made a block of
+several pieces: ~0.15 ms more CPU per 224px image in the task and ~0.07 ms in the iterating
+process, which combines them). The device path yields its map batches one by one.
 
 Shuffling, at no memory cost. resnet-prepare shuffles every split before cutting it into
 shards, so any run of rows is a random sample of its split. A training epoch then (1) permutes
-the shards by ``(seed, epoch)`` (the plan), (2) takes the rank's decode tasks (``task_rows``
+the shards by ``(seed, epoch)`` (the plan), (2) takes the rank's chunks (``task_rows``
 consecutive rows each) in an order drawn from ``(seed, epoch, rank)`` and (3) permutes the rows
-inside each task by ``(seed, epoch, shard, start)`` before decoding — FFCV's "quasi-random"
-order. Tasks hold about 16 MB of decoded output (:func:`default_task_rows`: 512 rows of 32x32,
+inside each chunk by ``(seed, epoch, shard, start)`` before decoding — FFCV's "quasi-random"
+order. Chunks hold about 16 MB of decoded output (:func:`default_task_rows`: 512 rows of 32x32,
 64 of 224x224) and are cut at an offset drawn per epoch (:func:`task_offset`), so the rows that
-share a task, and so a batch, change from epoch to epoch. Only encoded bytes are reordered: this
+share a chunk, and so a batch, change from epoch to epoch; which chunks share a decode task
+changes nothing. Only encoded bytes are reordered: this
 costs no memory. Ray's local shuffle buffer (``local_shuffle_buffer_size``) mixes across tasks
 but holds decoded rows: 1,024 rows of 224x224 are 147 MiB of object store per worker, which
 spilled a 256 MiB store every epoch and ran 4x slower, and even 256 rows made the worker's RSS
