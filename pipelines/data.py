@@ -1028,9 +1028,7 @@ def build_dataset(plan: EpochPlan, options: DecodeOptions) -> ray.data.Dataset:
     chunks = _chunks(plan, options.task_rows)
     if not chunks:
         raise ValueError(f"rank {plan.rank} reads no rows of split {plan.split!r} in this plan")
-    per_task = options.chunks_per_task or (
-        1 if options.shuffle_buffer else chunks_per_task(options, smallest_object_store())
-    )
+    per_task = task_chunks(options)
     # One chunk per input block: the map below bundles exactly ``per_task`` of them per task.
     ds = ray.data.from_items(chunks, override_num_blocks=len(chunks))
     # Blocks leave in input order whichever task finishes first; this dataset's own context (and
@@ -1272,6 +1270,14 @@ def chunks_per_task(options: DecodeOptions, store_bytes: float) -> int:
     by_work = RAY_TASK_ROWS // options.task_rows
     by_memory = int(store_bytes // (STORE_SHARE * chunk_bytes))
     return max(1, min(by_work, by_memory))
+
+
+def task_chunks(options: DecodeOptions) -> int:
+    """The chunks each decode task of a dataset built now takes: ``options.chunks_per_task``,
+    else 1 with a shuffle buffer, else :func:`chunks_per_task` for this cluster."""
+    if options.chunks_per_task or options.shuffle_buffer:
+        return options.chunks_per_task or 1
+    return chunks_per_task(options, smallest_object_store())
 
 
 def smallest_object_store() -> float:

@@ -269,7 +269,7 @@ def measure_ray(uri: str, split: str, *, batch_size: int, seconds: float) -> Ray
     manifest = read_manifest(uri)
     options = data.DecodeOptions(mode="paper", image_size=224)  # the training job's defaults
     print(
-        f"  decode tasks: {data.chunks_per_task(options, data.smallest_object_store())} chunks "
+        f"  decode tasks: {data.task_chunks(options)} chunks "
         f"of {options.task_rows} rows each (pipelines.data.chunks_per_task)",
         flush=True,
     )
