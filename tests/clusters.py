@@ -33,6 +33,8 @@ from pathlib import Path
 
 RAY_CLI = str(Path(sys.executable).parent / "ray")
 NODE_MARKER = "RESNET_RAY_NODE"
+# Every test Ray's object store: small and explicit (the data of the tests is a few MB).
+STORE_BYTES = 150_000_000
 # Node deaths are noticed by the GCS health check; Ray's defaults take ~30 s to declare a
 # SIGKILLed node dead, these take ~3 s (read by Ray from RAY_<config name>, head only).
 FAST_FAILURE_DETECTION = {
@@ -80,6 +82,17 @@ def cmdline(pid: int) -> str:
             return f.read().replace(b"\0", b" ").decode(errors="replace").strip()
     except OSError:
         return ""
+
+
+def crash_report(ray_temp_dir: Path, lines: int = 40) -> str:
+    """The last lines of every raylet's and GCS's stderr under a Ray temp dir: where a crashed
+    raylet's signal and stack go (its .out log, which Ray's own message quotes, stops before)."""
+    parts = []
+    for path in sorted({p.resolve() for p in ray_temp_dir.glob("**/logs/*.err")}):  # once
+        if path.name.startswith(("raylet", "gcs_server")) and path.stat().st_size:
+            tail = path.read_text(errors="replace").splitlines()[-lines:]
+            parts.append(f"--- {path}\n" + "\n".join(tail))
+    return "\n".join(parts)
 
 
 def signal_and_wait(
@@ -202,7 +215,7 @@ class LocalCluster:
         num_cpus: int,
         *,
         resources: str | None = None,
-        object_store_bytes: int = 150_000_000,
+        object_store_bytes: int = STORE_BYTES,
         env: Mapping[str, str] | None = None,
     ) -> Node:
         """`ray start --head` with the dashboard (Jobs API) on 127.0.0.1 only."""
@@ -232,7 +245,7 @@ class LocalCluster:
         num_gpus: int = 0,
         resources: str | None = None,
         labels: str | None = None,
-        object_store_bytes: int = 150_000_000,
+        object_store_bytes: int = STORE_BYTES,
     ) -> Node:
         """`ray start --address <head>`: a worker node joining the running head. ``num_gpus``
         declares logical GPUs (no device behind them); ``labels``: ``key=value,...``."""

@@ -9,6 +9,7 @@ from typing import TYPE_CHECKING
 import pytest
 
 from pipelines.job.session import free_loopback_port
+from tests.clusters import STORE_BYTES
 
 if TYPE_CHECKING:
     from tests.s3_faults import FaultyMotoServer, Throttle
@@ -26,7 +27,7 @@ def ray_local() -> Iterator[None]:
 
     with pytest.MonkeyPatch.context() as env:
         env.setenv("RAY_AUTH_MODE", "disabled")
-        with ray_session(num_cpus=2):
+        with ray_session(num_cpus=2, object_store_memory=STORE_BYTES):
             yield
 
 

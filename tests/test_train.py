@@ -25,7 +25,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.clusters import cmdline, free_ports
+from tests.clusters import STORE_BYTES, cmdline, crash_report, free_ports
 from tests.drivers import PYTHON, Driver, base_env, marked, stop_marked
 from tests.jpeg_decoder import EXPECTED_DECODER
 
@@ -123,7 +123,7 @@ def cluster() -> Iterator[Cluster]:
                     f"--dashboard-agent-grpc-port={agent_grpc}",
                     f"--runtime-env-agent-port={runtime_env}",
                     f"--metrics-export-port={metrics}",
-                    "--num-cpus=4", "--num-gpus=0",
+                    "--num-cpus=4", "--num-gpus=0", f"--object-store-memory={STORE_BYTES}",
                     f"--temp-dir={temp_dir / 'ray'}",
                     "--disable-usage-stats",
                 ],
@@ -161,7 +161,7 @@ def _prepare(cluster: Cluster, out: Path, train_per_class: int, val_per_class: i
         text=True,
         timeout=300,
     )  # fmt: skip
-    assert done.returncode == 0, done.stdout + done.stderr
+    assert done.returncode == 0, done.stdout + done.stderr + crash_report(cluster.temp_dir)
     return out
 
 

@@ -39,6 +39,7 @@ from pipelines import tune as tune_cmd
 from pipelines.job.runner import Extension
 from pipelines.job.session import free_loopback_port
 from tests.browser import Browser, MlflowUi, find_chromium
+from tests.clusters import STORE_BYTES
 
 pytestmark = pytest.mark.slow
 
@@ -142,6 +143,7 @@ def ray_address() -> Iterator[str]:
         env.setenv("RAY_API_SERVER_ADDRESS", f"http://127.0.0.1:{port}")
         context = ray.init(
             num_cpus=2,
+            object_store_memory=STORE_BYTES,
             include_dashboard=True,
             dashboard_host="127.0.0.1",
             dashboard_port=port,
