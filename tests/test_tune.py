@@ -70,7 +70,8 @@ def ray_sessions_started_here() -> set[str]:
 
 
 def sweep_args(data: Path, storage: Path, name: str, *extra: str) -> list[str]:
-    """One worker per trial with half a CPU and half a CPU of decoding: two trials fit in 2 CPUs."""
+    """One worker per trial with half a CPU and half a CPU of decoding: two trials fit in 2 CPUs;
+    no ONNX export."""
     return [
         "--data", str(data),
         "--storage", str(storage),
@@ -81,6 +82,7 @@ def sweep_args(data: Path, storage: Path, name: str, *extra: str) -> list[str]:
         *extra,
         "data.decode_cpus=0.5",
         "train.global_batch=16",
+        "train.export_onnx=false",  # ~6 CPU-s a trial; test_train's demo run checks the export
     ]  # fmt: skip
 
 
