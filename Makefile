@@ -14,8 +14,9 @@ selfcheck: $(STAMP)
 	$(VENV)/bin/resnet-selfcheck
 
 # Two pytest processes, each test file whole on one (its module fixtures start one cluster):
-# much of the suite's time is Ray start-up and job latency, which then overlap. On 2 cores the
-# suite takes ~19 instead of ~22 minutes. `make test TEST_WORKERS=0` runs it in one process.
+# Ray start-up and job latency then overlap, until the CPUs are busy (~90% of a 2-core run,
+# most of it the processes Ray starts for each Train run). `make test TEST_WORKERS=0` runs it in
+# one process.
 TEST_WORKERS ?= 2
 
 test: $(STAMP)
