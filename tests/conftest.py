@@ -3,7 +3,10 @@
 from __future__ import annotations
 
 import logging
+import shutil
+import tempfile
 from collections.abc import Iterator
+from pathlib import Path
 from typing import TYPE_CHECKING
 
 import pytest
@@ -13,6 +16,18 @@ from tests.clusters import STORE_BYTES
 
 if TYPE_CHECKING:
     from tests.s3_faults import FaultyMotoServer, Throttle
+
+
+@pytest.fixture(scope="session", autouse=True)
+def ray_temp_dir() -> Iterator[Path]:
+    """Ray's temp dir for everything this pytest process starts (RAY_TMPDIR, inherited by the
+    commands it runs): the session folders and logs of every Ray the tests start land there,
+    not in /tmp/ray, and go with it. A short path: Ray's Unix sockets live below it."""
+    root = Path(tempfile.mkdtemp(prefix="rr-", dir="/tmp"))
+    with pytest.MonkeyPatch.context() as env:
+        env.setenv("RAY_TMPDIR", str(root))
+        yield root
+    shutil.rmtree(root, ignore_errors=True)
 
 
 @pytest.fixture(scope="module")

@@ -19,7 +19,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.clusters import marked_pids, signal_and_wait
+from tests.clusters import environ_without_ray, marked_pids, signal_and_wait
 
 PYTHON = sys.executable
 MARKER = "RESNET_RAY_TEST"
@@ -38,7 +38,7 @@ def stop_marked(marker: str, grace_s: float = 10.0) -> None:
 
 def base_env(marker: str, **extra: str) -> dict[str, str]:
     """This environment without Ray settings, with the marker and ``extra``."""
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("RAY_", MARKER))}
+    env = environ_without_ray(MARKER)
     env.update({MARKER: marker, "PYTHONUNBUFFERED": "1"}, **extra)
     env["PATH"] = f"{Path(PYTHON).parent}{os.pathsep}{env.get('PATH', '')}"
     return env
