@@ -271,16 +271,12 @@ class LocalCluster:
         return survivors
 
 
-def environ_without_ray(*prefixes: str) -> dict[str, str]:
-    """This process's environment without Ray's settings (its temp dir kept: where the tests'
-    Rays write) or variables starting with ``prefixes``."""
-    drop = ("RAY_", *prefixes)
-    return {k: v for k, v in os.environ.items() if k == "RAY_TMPDIR" or not k.startswith(drop)}
-
-
-def base_env() -> dict[str, str]:
-    """This process's environment without Ray settings or node markers, the venv's tools first."""
-    env = environ_without_ray(NODE_MARKER)
+def base_env(drop: str = NODE_MARKER) -> dict[str, str]:
+    """This process's environment without Ray settings (its temp dir kept: where the tests' Rays
+    write) or variables starting with ``drop`` (a marker), the venv's tools first, unbuffered."""
+    env = {
+        k: v for k, v in os.environ.items() if k == "RAY_TMPDIR" or not k.startswith(("RAY_", drop))
+    }
     env["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{env.get('PATH', '')}"
     env["PYTHONUNBUFFERED"] = "1"
     return env

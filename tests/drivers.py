@@ -8,7 +8,6 @@ so what is left behind (a local Ray of a killed driver) is found and stopped by 
 
 from __future__ import annotations
 
-import os
 import re
 import signal
 import subprocess
@@ -19,7 +18,8 @@ from pathlib import Path
 
 import pytest
 
-from tests.clusters import environ_without_ray, marked_pids, signal_and_wait
+from tests import clusters
+from tests.clusters import marked_pids, signal_and_wait
 
 PYTHON = sys.executable
 MARKER = "RESNET_RAY_TEST"
@@ -37,10 +37,10 @@ def stop_marked(marker: str, grace_s: float = 10.0) -> None:
 
 
 def base_env(marker: str, **extra: str) -> dict[str, str]:
-    """This environment without Ray settings, with the marker and ``extra``."""
-    env = environ_without_ray(MARKER)
-    env.update({MARKER: marker, "PYTHONUNBUFFERED": "1"}, **extra)
-    env["PATH"] = f"{Path(PYTHON).parent}{os.pathsep}{env.get('PATH', '')}"
+    """This environment without Ray settings (:func:`tests.clusters.base_env`), with the marker
+    and ``extra``."""
+    env = clusters.base_env(drop=MARKER)
+    env.update({MARKER: marker}, **extra)
     return env
 
 
