@@ -8,7 +8,9 @@ placement-group cleaner's "Failed to query Ray Train Controller actor state" (ev
 the state API is unreachable), core_worker's error about Train's own PreemptionWatcher actor
 (ray-project/ray#53727), and c10d's "hostname of the client socket cannot be retrieved" on hosts
 without reverse DNS. MLflow's artifact progress bars (drawn whenever tqdm is installed) would
-fill stderr, which our commands keep to one line per error. A value the user set wins.
+fill stderr, which our commands keep to one line per error. A value the user set wins. The
+workers of a local Ray also drop Ray Train's warnings about reaching the autoscaler
+(:func:`quiet_local_worker`).
 """
 
 import os
@@ -23,3 +25,19 @@ _CONSOLE_NOISE = "|".join(
 os.environ.setdefault("RAY_DEDUP_LOGS_SKIP_REGEX", _CONSOLE_NOISE)
 os.environ.setdefault("RAY_DISABLE_WORKER_LOG_PREFIX", "1")
 os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
+
+# Ray Train's controller asks the cluster's autoscaler for the run's resources (a 5 s ray.get);
+# on an overloaded machine that times out and logs a warning with its traceback.
+TRAIN_AUTOSCALER_LOGGER = (
+    "ray.train.v2._internal.execution.scaling_policy.autoscaling_coordinator_client"
+)
+
+
+def quiet_local_worker() -> None:
+    """Run first in every worker process of a local Ray (``ray.init``'s
+    ``worker_process_setup_hook``: :func:`pipelines.job.session.ray_session`). A local Ray has no
+    autoscaler, so the controller's request for resources has no one to serve it, and its
+    timeouts are noise; errors still show."""
+    import logging
+
+    logging.getLogger(TRAIN_AUTOSCALER_LOGGER).setLevel(logging.ERROR)

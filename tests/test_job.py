@@ -482,3 +482,19 @@ def test_progressive_resizing_trains_each_epoch_at_its_crop_size(ray_local, mlfl
     assert all(seconds >= 0 for seconds in phases)
     assert logged["startup/worker_group_s"] > 0  # Ray Train starts its workers
     assert sum(phases) == pytest.approx(logged["startup/total_s"], abs=0.01)
+
+
+def test_a_local_rays_workers_drop_train_autoscaler_warnings_and_keep_its_errors(ray_local):
+    """A local Ray (no autoscaler) runs ``pipelines.quiet_local_worker`` in its workers: the
+    controller's timed-out requests for resources (a warning with a traceback, on a loaded
+    machine) stay off the console, its errors do not."""
+    import logging
+
+    from pipelines import TRAIN_AUTOSCALER_LOGGER
+
+    @ray.remote(num_cpus=0)
+    def levels() -> tuple[bool, bool]:
+        logger = logging.getLogger(TRAIN_AUTOSCALER_LOGGER)
+        return logger.isEnabledFor(logging.WARNING), logger.isEnabledFor(logging.ERROR)
+
+    assert ray.get(levels.remote()) == (False, True)

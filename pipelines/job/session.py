@@ -8,7 +8,8 @@ test's Ray, a Tune trial) it only checks.
 A local Ray always runs its dashboard, on loopback, and names its address to every process of
 the job (``RAY_API_SERVER_ADDRESS``): Ray Train's placement-group cleaner asks the state API
 behind it whether the Train controller is alive, and without it repeats a warning every second
-(and, with several Ray instances on one machine, cannot pick the right one).
+(and, with several Ray instances on one machine, cannot pick the right one). Its workers
+first run :func:`pipelines.quiet_local_worker`.
 """
 
 from __future__ import annotations
@@ -75,7 +76,10 @@ def ray_session(
             include_dashboard=dashboard,
             dashboard_host="127.0.0.1",
             dashboard_port=port,
-            runtime_env={"env_vars": {"RAY_API_SERVER_ADDRESS": f"http://127.0.0.1:{port}"}},
+            runtime_env={
+                "env_vars": {"RAY_API_SERVER_ADDRESS": f"http://127.0.0.1:{port}"},
+                "worker_process_setup_hook": "pipelines.quiet_local_worker",
+            },
         )
     # ray.init makes SIGTERM a bare sys.exit; a command that handles SIGTERM itself (to end its
     # MLflow run and exit 130) gets its handler back.
