@@ -15,13 +15,13 @@ selfcheck: $(STAMP)
 
 # Two pytest processes, each test file whole on one (its module fixtures start one cluster):
 # Ray start-up and job latency then overlap, until the CPUs are busy (~90% of a 2-core run,
-# most of it the processes Ray starts for each Train run); the heaviest files first
-# (tests/conftest.py). `make test TEST_WORKERS=0` runs it in one process.
+# most of it the processes Ray starts for each Train run). `make test TEST_WORKERS=0` runs it in
+# one process.
 TEST_WORKERS ?= 2
 
 test: $(STAMP)
 	$(PY) -m ruff check .
-	$(PY) -m pytest -n $(TEST_WORKERS) --dist loadfile --no-loadscope-reorder
+	$(PY) -m pytest -n $(TEST_WORKERS) --dist loadfile
 
 test-fast: $(STAMP)
 	$(PY) -m pytest -m "not slow"

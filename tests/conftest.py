@@ -18,32 +18,6 @@ if TYPE_CHECKING:
     from tests.s3_faults import FaultyMotoServer, Throttle
 
 
-# The files that start Ray clusters and Train runs, heaviest first (CPU-minutes of a whole run
-# on 2 cores, 2026-12-06: 10.6, 9.7, 5.9, 5.6, 2.9, 2.8, 1.4, 0.9, 0.8, 0.7, 0.6). `make test`
-# hands whole files to its two pytest processes in collection order (--no-loadscope-reorder):
-# the long files start first and the short ones fill in at the end, instead of the last long
-# file running alone while the other process idles.
-HEAVIEST_FIRST = (
-    "test_tune.py",
-    "test_train.py",
-    "test_job.py",
-    "test_cluster_multinode.py",
-    "test_s3.py",
-    "test_bench.py",
-    "test_data.py",
-    "test_bench_gpu.py",
-    "test_failures.py",
-    "test_cluster_labels.py",
-    "test_cluster_configs.py",
-)
-
-
-def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
-    """Files in :data:`HEAVIEST_FIRST` order, then the rest; tests keep their order in a file."""
-    rank = {name: i for i, name in enumerate(HEAVIEST_FIRST)}
-    items.sort(key=lambda item: rank.get(item.path.name, len(rank)))
-
-
 @pytest.fixture(scope="session", autouse=True)
 def ray_temp_dir() -> Iterator[Path]:
     """Ray's temp dir for everything this pytest process starts (RAY_TMPDIR, inherited by the
