@@ -13,6 +13,7 @@ workers of a local Ray also drop Ray Train's warnings about reaching the autosca
 (:func:`quiet_local_worker`).
 """
 
+import logging
 import os
 
 _CONSOLE_NOISE = "|".join(
@@ -37,7 +38,10 @@ def quiet_local_worker() -> None:
     """Run first in every worker process of a local Ray (``ray.init``'s
     ``worker_process_setup_hook``: :func:`pipelines.job.session.ray_session`). A local Ray has no
     autoscaler, so the controller's request for resources has no one to serve it, and its
-    timeouts are noise; errors still show."""
-    import logging
+    timeouts are noise; errors still show. A filter, not a level: Ray Train's logging set-up
+    (``dictConfig``) resets the levels of the loggers below ``ray.train``, not their filters."""
+    logging.getLogger(TRAIN_AUTOSCALER_LOGGER).addFilter(_errors_only)
 
-    logging.getLogger(TRAIN_AUTOSCALER_LOGGER).setLevel(logging.ERROR)
+
+def _errors_only(record: logging.LogRecord) -> bool:
+    return record.levelno >= logging.ERROR

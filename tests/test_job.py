@@ -487,14 +487,32 @@ def test_progressive_resizing_trains_each_epoch_at_its_crop_size(ray_local, mlfl
 def test_a_local_rays_workers_drop_train_autoscaler_warnings_and_keep_its_errors(ray_local):
     """A local Ray (no autoscaler) runs ``pipelines.quiet_local_worker`` in its workers: the
     controller's timed-out requests for resources (a warning with a traceback, on a loaded
-    machine) stay off the console, its errors do not."""
-    import logging
-
-    from pipelines import TRAIN_AUTOSCALER_LOGGER
+    machine) stay off the console, its errors do not, after Ray Train's logging set-up (which
+    resets the levels of the loggers below ``ray.train``) as before it."""
 
     @ray.remote(num_cpus=0)
-    def levels() -> tuple[bool, bool]:
-        logger = logging.getLogger(TRAIN_AUTOSCALER_LOGGER)
-        return logger.isEnabledFor(logging.WARNING), logger.isEnabledFor(logging.ERROR)
+    def passed_on() -> list[tuple[str, list[str]]]:
+        import logging
+        import logging.config
 
-    assert ray.get(levels.remote()) == (False, True)
+        from pipelines import TRAIN_AUTOSCALER_LOGGER
+
+        seen: list[str] = []
+        handler = logging.Handler()
+        handler.emit = lambda record: seen.append(record.levelname)
+        logging.getLogger("ray.train").addHandler(handler)
+        logger = logging.getLogger(TRAIN_AUTOSCALER_LOGGER)
+        logger.warning("timed out")
+        logger.error("failed")
+        before = list(seen)
+        seen.clear()
+        # What Ray Train's LoggingManager does in its controller and workers.
+        logging.config.dictConfig(
+            {"version": 1, "disable_existing_loggers": False, "loggers": {"ray.train": {}}}
+        )
+        logging.getLogger("ray.train").addHandler(handler)
+        logger.warning("timed out")
+        logger.error("failed")
+        return [("before", before), ("after", seen)]
+
+    assert ray.get(passed_on.remote()) == [("before", ["ERROR"]), ("after", ["ERROR"])]
