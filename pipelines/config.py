@@ -22,10 +22,10 @@ import typing
 from dataclasses import dataclass, field, fields, is_dataclass, replace
 from typing import Any, Literal
 
+from resnet_core.cpu_transforms import AugmentMode, AutoAugmentPolicy
 from resnet_core.models import Shortcut, has_bottlenecks, is_cifar_model
 from resnet_core.optim import Implementation, OptimizerName, ScheduleKind
 from resnet_core.step import CUDA_GRAPH_MODES, CompileMode, CompileWhen, Precision
-from resnet_core.transforms import AugmentMode, AutoAugmentPolicy
 
 RUN_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,127}")
 # Ray node labels (Kubernetes' syntax): an optional DNS prefix, a name, a value.

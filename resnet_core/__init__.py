@@ -5,6 +5,14 @@ transforms, evaluation protocols, optimizer and schedules, metrics, the checkpoi
 imports Ray or MLflow, so it runs and tests on any laptop.
 """
 
-from resnet_core.models import create_model, is_cifar_model, model_names
-
 __all__ = ["create_model", "is_cifar_model", "model_names"]
+
+
+def __getattr__(name: str):
+    # Loaded on first use: the decode processes import resnet_core.cpu_transforms and .jpeg
+    # without torch, which the models need.
+    if name in __all__:
+        from resnet_core import models
+
+        return getattr(models, name)
+    raise AttributeError(f"module 'resnet_core' has no attribute {name!r}")

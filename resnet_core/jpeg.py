@@ -118,7 +118,7 @@ def decode_crop(
     ``size`` x ``size`` with Pillow's antialiased bilinear filter (then mirrored if ``flip``),
     decoding only the region the filter reads. ``draft``: decode at the largest of 1/8, 1/4,
     1/2 scale at which the box still spans ``size`` pixels, as Pillow's draft mode
-    (``transforms.draft_for_box``).
+    (``cpu_transforms.draft_for_box``).
 
     Returns (size, size, 3) uint8 RGB (writable), or None when libjpeg warned or failed (corrupt
     data): decode with Pillow then, which judges the file as it always does. Call only for data

@@ -5,6 +5,8 @@ from __future__ import annotations
 import dataclasses
 import io
 import json
+import subprocess
+import sys
 import zlib
 from collections import Counter
 from pathlib import Path
@@ -15,10 +17,10 @@ import pytest
 import torch
 from PIL import Image
 
-from pipelines import data
+from pipelines import data, decode
 from pipelines.manifest import read_manifest
 from pipelines.prepare import main as prepare_main
-from resnet_core.transforms import ImageAugment, decode_crop
+from resnet_core.cpu_transforms import ImageAugment, decode_crop
 from tests.fixtures_imagenet import write_shard
 
 IMAGE_SIZE = 32  # small crops keep decoding fast; the synthetic images are 160-400 px
@@ -194,7 +196,7 @@ def test_rows_come_shuffled_within_tasks_with_their_labels(manifest):
     tasks = [
         frozenset(_shard_keys(r.uri)[lo:hi])
         for r in plan.ranges
-        for lo, hi in data._aligned_pieces(r.start, r.stop, 8, data.task_offset(plan, 8))
+        for lo, hi in decode._aligned_pieces(r.start, r.stop, 8, data.task_offset(plan, 8))
     ]
     batches = _epoch(manifest, world_size=2, rank=1, epoch=2)
     keys = _keys(batches)
@@ -276,7 +278,7 @@ def test_a_range_reads_exactly_its_rows_across_row_groups(tmp_path):
     uri = write_shard(tmp_path / "s.parquet", images, row_group_size=40)
     whole = pq.read_table(uri)
     for start, stop in ((0, 50), (3, 37), (17, 33), (38, 45), (16, 32), (49, 50)):
-        table = data._read_rows(uri, start, stop)
+        table = decode._read_rows(uri, start, stop)
         for column in ("image", "label", "key"):
             assert table.column(column).to_pylist() == whole.column(column).to_pylist()[start:stop]
 
@@ -349,8 +351,8 @@ def test_an_epoch_resumed_on_another_world_size_trains_each_of_its_rows_once(man
                 batches_done=batches_done, **resume,
             )  # fmt: skip
             assert (plan.steps, plan.batch_size) == (8 - batches_done, 6 // world)
-            decode = data.DecodeOptions(mode="paper", image_size=IMAGE_SIZE, shuffle_buffer=5)
-            for batch in list(data.EpochBatches(plan, decode).batches())[:steps]:
+            decoding = data.DecodeOptions(mode="paper", image_size=IMAGE_SIZE, shuffle_buffer=5)
+            for batch in list(data.EpochBatches(plan, decoding).batches())[:steps]:
                 assert [split_keys[row] for row in batch.rows] == list(batch.keys)
                 done[batch.rows] = True
                 trained += batch.keys
@@ -401,10 +403,10 @@ def test_a_decode_task_yields_its_map_batches_crops_as_one_block(tmp_path):
     uri = write_shard(tmp_path / "s.parquet", images, row_group_size=5)  # groups cut the task
     chunk = {"uri": [uri], "start": [1], "stop": [11], "base": [100], "copy": [0]}
     options = data.DecodeOptions(mode="paper", image_size=IMAGE_SIZE, map_batch_rows=4)
-    (block,) = data._decode_chunks(
+    (block,) = decode._decode_chunks(
         {key: np.asarray(value) for key, value in chunk.items()}, options=options, seed=3, epoch=2
     )
-    rows = 1 + data._task_order(uri, 1, 11, seed=3, epoch=2)
+    rows = 1 + decode._task_order(uri, 1, 11, seed=3, epoch=2)
     assert block["row"].tolist() == (100 + rows).tolist()
     assert block["image"].shape == (10, IMAGE_SIZE, IMAGE_SIZE, 3)
     assert block["image"].flags.c_contiguous
@@ -414,11 +416,46 @@ def test_a_decode_task_yields_its_map_batches_crops_as_one_block(tmp_path):
         rng = np.random.default_rng([3, 2, zlib.crc32(keys)])
         good = [row for row in part if row != 5]
         for row in good:  # the bad row draws nothing and becomes the first good row's copy
-            crops[row] = decode_crop(images[row], data._sampler(options), rng)
+            crops[row] = decode_crop(images[row], decode._sampler(options), rng)
         sources += [row if row != 5 else good[0] for row in part]
     np.testing.assert_array_equal(block["image"], np.stack([crops[row] for row in sources]))
     assert block["label"].tolist() == sources
     assert block["bad"].tolist() == [row == 5 for row in rows]
+
+
+def test_a_decode_task_runs_in_a_process_that_never_loads_torch(tmp_path):
+    """What Ray ships to a decode task (the function and its options, pickled by reference) loads
+    and runs in a fresh process without torch: the CPU path, device decode's crop planning and
+    hybrid decode. Torch costs a decode process ~3 CPU-s to import and ~260 MB of its own
+    memory; only an augment policy (torchvision v2) loads it."""
+    import ray.cloudpickle
+
+    uri = write_shard(tmp_path / "s.parquet", [_jpeg(i, (80, 64)) for i in range(8)])
+    chunks = {"uri": [uri], "start": [0], "stop": [8], "base": [0], "copy": [0]}
+    chunks = {key: np.asarray(value) for key, value in chunks.items()}
+    paper = {"mode": "paper", "image_size": IMAGE_SIZE, "map_batch_rows": 4}
+    policy = data.DecodeOptions(**paper, augment=ImageAugment(policy="ta_wide"))
+    cases = [
+        data.DecodeOptions(**paper),
+        data.DecodeOptions(**paper, device=torch.device("cpu")),
+        data.DecodeOptions(**paper, device=torch.device("cpu"), cpu_share=0.5),
+        policy,  # the check's own check: a policy does load torch
+    ]
+    calls = [(decode._decode_chunks, chunks, {"options": o, "seed": 0, "epoch": 0}) for o in cases]
+    code = (
+        "import pickle, sys\n"
+        "for fn, chunks, kwargs in pickle.loads(sys.stdin.buffer.read()):\n"
+        "    rows = sum(len(block['label']) for block in fn(chunks, **kwargs))\n"
+        "    print(rows, 'torch' in sys.modules)\n"
+    )
+    run = subprocess.run(
+        [sys.executable, "-c", code],
+        input=ray.cloudpickle.dumps(calls),
+        capture_output=True,
+        cwd=Path(__file__).resolve().parents[1],
+        check=True,
+    )
+    assert run.stdout.decode().split("\n")[:4] == ["8 False", "8 False", "8 False", "8 True"]
 
 
 def test_undecodable_images_are_counted_not_fatal(ray_local, tmp_path):

@@ -17,19 +17,14 @@ import pytest
 import torch
 from PIL import Image
 
-from pipelines import data
+from pipelines import data, decode
 from pipelines.config import ConfigError, DataConfig, JobConfig, validate
 from pipelines.job.hybrid import HybridDecode
 from pipelines.manifest import read_manifest
 from pipelines.prepare import main as prepare_main
 from resnet_core import transforms
-from resnet_core.transforms import (
-    RandomResizedCrop,
-    ScaleAugment,
-    decode_crop,
-    decode_jpeg_crops,
-    sample_crop,
-)
+from resnet_core.cpu_transforms import RandomResizedCrop, ScaleAugment, decode_crop, sample_crop
+from resnet_core.transforms import decode_jpeg_crops
 from tests.fixtures_imagenet import encode, smooth_pixels, write_shard
 
 IMAGE_SIZE = 32
@@ -70,7 +65,7 @@ def _chunk(uri: str, rows: int, *, on_worker: bool, mode: str = "paper") -> dict
         task_rows=rows,
         device="cpu" if on_worker else None,
     )
-    (out,) = data._decode_chunks(chunk, options=options, seed=0, epoch=0)
+    (out,) = decode._decode_chunks(chunk, options=options, seed=0, epoch=0)
     return out
 
 
@@ -168,12 +163,12 @@ def test_device_tasks_draw_the_cpu_paths_boxes_and_flips(tmp_path):
     datas = [_photo(i, 120 + 20 * i, 100 + 10 * i) for i in range(8)]
     uri = write_shard(tmp_path / "s.parquet", datas, row_group_size=4)
     planned = _chunk(uri, 8, on_worker=True)
-    order = data._task_order(uri, 0, 8, seed=0, epoch=0)  # a training task's rows, permuted
+    order = decode._task_order(uri, 0, 8, seed=0, epoch=0)  # a training task's rows, permuted
     datas = [datas[i] for i in order]
     keys = [f"hand/{i:03d}" for i in order]
     assert planned["key"].tolist() == keys
     rng = np.random.default_rng([0, 0, zlib.crc32("\0".join(keys).encode())])
-    sampler = data._sampler(data.DecodeOptions("paper", IMAGE_SIZE, eval_resize=36))
+    sampler = decode._sampler(data.DecodeOptions("paper", IMAGE_SIZE, eval_resize=36))
     expected = [sample_crop(sampler, rng, *Image.open(io.BytesIO(d)).size) for d in datas]
     np.testing.assert_array_equal(planned["box"], [box for box, _ in expected])
     assert planned["flip"].tolist() == [flip for _, flip in expected]
@@ -214,7 +209,7 @@ def test_bad_rows_are_counted_like_the_cpu_path(tmp_path, mode):
     bad_in_task = [False, True, True, False, False, False, False]
     raw = [False, False, False, False, True, False, True]
     if mode == "paper":  # a training task's rows come permuted
-        order = data._task_order(uri, 0, 7, seed=0, epoch=0)
+        order = decode._task_order(uri, 0, 7, seed=0, epoch=0)
         bad_in_task, raw = [bad_in_task[i] for i in order], [raw[i] for i in order]
     assert planned["bad"].tolist() == bad_in_task
     assert planned["raw"].tolist() == raw
@@ -282,7 +277,7 @@ def _map_batches(uri: str, rows: int, **options) -> list[dict[str, np.ndarray]]:
     options = data.DecodeOptions(
         mode="paper", image_size=IMAGE_SIZE, map_batch_rows=4, task_rows=rows, **options
     )
-    return list(data._decode_chunks(chunk, options=options, seed=0, epoch=0))
+    return list(decode._decode_chunks(chunk, options=options, seed=0, epoch=0))
 
 
 def test_hybrid_decode_sends_map_batches_to_the_cpu_by_their_keys_with_the_same_crops(tmp_path):

@@ -28,9 +28,10 @@ from pipelines.manifest import Manifest, read_manifest
 from pipelines.prepare import main as prepare_main
 from pipelines.recipes import build_recipe
 from resnet_core.checkpoint import save_checkpoint, training_state
+from resnet_core.cpu_transforms import CenterCrop, decode_crop
 from resnet_core.evaluation import MULTISCALE_SHORTER_SIDES, predict_center
 from resnet_core.models import create_model
-from resnet_core.transforms import CenterCrop, decode_crop, to_float_batch
+from resnet_core.transforms import to_float_batch
 
 CPU = torch.device("cpu")
 NUM_CLASSES = 4

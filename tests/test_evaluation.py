@@ -11,13 +11,14 @@ from PIL import Image
 from torch import nn
 from torchvision.transforms.v2 import functional as tvf
 
+from resnet_core.cpu_transforms import decode_resize_shorter
 from resnet_core.evaluation import (
     MULTISCALE_SHORTER_SIDES,
     predict_center,
     predict_multiscale,
     predict_ten_crop,
 )
-from resnet_core.transforms import IMAGENET_MEAN_RGB, decode_resize_shorter, to_float_batch
+from resnet_core.transforms import IMAGENET_MEAN_RGB, to_float_batch
 
 NUM_CLASSES = 5
 

@@ -20,7 +20,7 @@ import pytest
 from PIL import Image
 
 from resnet_core import jpeg
-from resnet_core.transforms import (
+from resnet_core.cpu_transforms import (
     CenterCrop,
     RandomResizedCrop,
     ScaleAugment,
@@ -225,7 +225,7 @@ def test_without_the_extension_everything_decodes_through_pillow():
         "import sys; sys.modules['_resnet_jpeg'] = None\n"  # as if the build had failed
         "import numpy as np\n"
         "from resnet_core import jpeg\n"
-        "from resnet_core.transforms import ScaleAugment, decode_crop\n"
+        "from resnet_core.cpu_transforms import ScaleAugment, decode_crop\n"
         "from tests.test_jpeg_region import JPEGS\n"
         "out = decode_crop(JPEGS['420'], ScaleAugment(), np.random.default_rng(0))\n"
         "ref = decode_crop(JPEGS['420'], ScaleAugment(), np.random.default_rng(0), region=False)\n"

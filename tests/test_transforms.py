@@ -1,4 +1,5 @@
-"""Tests for resnet_core.transforms: box samplers, decoding, CIFAR augmentation, device-side maths."""
+"""Tests for resnet_core.cpu_transforms and resnet_core.transforms: box samplers, decoding, CIFAR
+augmentation, device-side maths."""
 
 from __future__ import annotations
 
@@ -13,11 +14,7 @@ from torchvision.transforms import v2
 from torchvision.transforms.v2 import functional as tvf
 
 from resnet_core import transforms
-from resnet_core.transforms import (
-    IMAGENET_MEAN_RGB,
-    IMAGENET_PCA_EIGVAL,
-    IMAGENET_PCA_EIGVEC,
-    IMAGENET_STD_RGB,
+from resnet_core.cpu_transforms import (
     CenterCrop,
     RandomResizedCrop,
     ScaleAugment,
@@ -28,6 +25,12 @@ from resnet_core.transforms import (
     mean_image,
     pad_crop_flip,
     resized_shorter_size,
+)
+from resnet_core.transforms import (
+    IMAGENET_MEAN_RGB,
+    IMAGENET_PCA_EIGVAL,
+    IMAGENET_PCA_EIGVEC,
+    IMAGENET_STD_RGB,
     ten_crop,
     to_float_batch,
 )
@@ -498,7 +501,7 @@ def test_pca_eigenvectors_are_orthonormal_columns():
 
 
 def test_random_affine_identity_range_and_reproducibility():
-    from resnet_core.transforms import random_affine
+    from resnet_core.cpu_transforms import random_affine
 
     rng = np.random.default_rng(0)
     images = rng.integers(0, 256, size=(6, 32, 32, 3), dtype=np.uint8)

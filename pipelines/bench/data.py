@@ -4,7 +4,7 @@
 
 ``data`` compares, per CPU core, the CPU side of ImageNet training input pipelines on the same
 JPEGs: torchvision's classic ImageFolder pipeline (PIL open -> RandomResizedCrop(224) -> flip ->
-ToTensor -> Normalize, float on the CPU) against ours (``resnet_core.transforms.decode_crop``:
+ToTensor -> Normalize, float on the CPU) against ours (``resnet_core.cpu_transforms.decode_crop``:
 region and draft decoding, one resample, uint8 out; the float part runs on the GPU), the
 full-decode ceiling, ours on the same images re-encoded to max side 320 (FFCV-style, in memory,
 with resnet-prepare's re-encoder), and both of ours with region decoding off (Pillow decodes the
@@ -51,14 +51,8 @@ from pipelines.bench.common import (
 from pipelines.job.session import ray_session
 from pipelines.manifest import Manifest, read_manifest
 from resnet_core import jpeg
-from resnet_core.transforms import (
-    IMAGENET_MEAN_RGB,
-    IMAGENET_STD_RGB,
-    ImageAugment,
-    RandomResizedCrop,
-    ScaleAugment,
-    decode_crop,
-)
+from resnet_core.cpu_transforms import ImageAugment, RandomResizedCrop, ScaleAugment, decode_crop
+from resnet_core.transforms import IMAGENET_MEAN_RGB, IMAGENET_STD_RGB
 
 BASELINE = "torchvision_classic"
 # The auto-augment policies timed after the Inception crop (torchvision --auto-augment values).
@@ -131,7 +125,7 @@ def per_core_pipelines(
             return img.convert("RGB")
 
     # The per-image policies after the Inception crop: ours on the uint8 crop, in the decode
-    # tasks (resnet_core.transforms.ImageAugment); torchvision's reference applies TA to the
+    # tasks (resnet_core.cpu_transforms.ImageAugment); torchvision's reference applies TA to the
     # PIL crop before ToTensor (references/classification/presets.py).
     bilinear = transforms.InterpolationMode.BILINEAR
     with_ta = transforms.Compose(

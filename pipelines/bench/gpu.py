@@ -64,8 +64,9 @@ from pipelines.job.session import local_cpus, ray_session
 from pipelines.job.startup import phases as startup_phases
 from pipelines.manifest import Manifest, ShardInfo, SplitInfo, read_manifest
 from pipelines.recipes import build_recipe
+from resnet_core.cpu_transforms import RandomResizedCrop, decode_crop, sample_crop
 from resnet_core.models import is_cifar_model
-from resnet_core.transforms import RandomResizedCrop, decode_crop, decode_jpeg_crops, sample_crop
+from resnet_core.transforms import decode_jpeg_crops
 
 SKIP_LINE = "resnet-bench gpu: no CUDA device on this machine: skipped"
 CEILING = "synthetic_ceiling"

@@ -35,6 +35,7 @@ from pipelines.job.final_model import CLASSES_FILE, CONFIG_FILE, FINAL_ARTIFACTS
 from pipelines.job.parts import model_options, normalization
 from pipelines.manifest import Manifest
 from resnet_core.checkpoint import load_weights
+from resnet_core.cpu_transforms import CenterCrop, decode_crop, decode_resize_shorter
 from resnet_core.evaluation import (
     MULTISCALE_SHORTER_SIDES,
     predict_center,
@@ -42,7 +43,7 @@ from resnet_core.evaluation import (
     predict_ten_crop,
 )
 from resnet_core.models import create_model, is_cifar_model
-from resnet_core.transforms import CenterCrop, Normalize, decode_crop, decode_resize_shorter
+from resnet_core.transforms import Normalize
 
 MODES = ("center", "tencrop", "multiscale")
 # Multi-scale shorter sides for the CIFAR nets at their 32x32 training crop: our choice, not the

@@ -17,11 +17,12 @@ from torch import Tensor, nn
 from pipelines import data as data_lib
 from pipelines.config import JobConfig
 from pipelines.manifest import Manifest, load_mean_image
+from resnet_core.cpu_transforms import ImageAugment
 from resnet_core.models import create_model
 from resnet_core.optim import LRSchedule, build_optimizer, scaled_lr
 from resnet_core.pretrained import HEAD_MODULE, apply_init, load_init_weights
 from resnet_core.step import BatchTransform, TrainStep, autocast_dtype, compile_mode_for
-from resnet_core.transforms import IMAGENET_MEAN_RGB, IMAGENET_STD_RGB, ImageAugment, Normalize
+from resnet_core.transforms import IMAGENET_MEAN_RGB, IMAGENET_STD_RGB, Normalize
 
 
 def model_options(config: JobConfig) -> dict[str, Any]:
