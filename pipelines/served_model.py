@@ -37,12 +37,14 @@ def build_served_net(artifacts: dict[str, str]) -> nn.Module:
 
 
 class ResNetClassifier(mlflow.pyfunc.PythonModel):
-    """The served net; ``model_config={"device": ...}`` picks the device (default: CUDA when
-    available, else the CPU)."""
+    """The served net; ``model_config={"device": ...}`` picks the device (default ``auto``: CUDA
+    when available, else the CPU)."""
 
     def load_context(self, context: Any) -> None:
-        device = (context.model_config or {}).get("device")
-        self.device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+        device = (context.model_config or {}).get("device") or "auto"
+        if device == "auto":
+            device = "cuda" if torch.cuda.is_available() else "cpu"
+        self.device = torch.device(device)
         self.net = build_served_net(context.artifacts).to(self.device)
 
     # An ndarray hint: MLflow reads the hint, and takes this one as "no schema to infer".

@@ -219,11 +219,16 @@ def test_the_final_model_of_a_compiled_run_loads_and_resnet_eval_scores_it(
     create_model("resnet8", num_classes=CLASSES).load_state_dict(weights)
     model_uri = client.get_run(run_id).data.tags[tracking.FINAL_MODEL_TAG]
     mlflow.set_tracking_uri(mlflow_uri)
+    images = torch.zeros((2, 32, 32, 3), dtype=torch.uint8).numpy()
     served = mlflow.pyfunc.load_model(model_uri, model_config={"device": "cpu"})
-    logits = served.predict(torch.zeros((2, 32, 32, 3), dtype=torch.uint8).numpy())
-    assert logits.shape == (2, CLASSES)
-    # The ONNX export, checked at the end of the run, scores images as the PyTorch model does.
+    assert served.predict(images).shape == (2, CLASSES)
+    # Its default device, auto (the CPU here), is the run's "device" param (MLflow's copy).
     run = client.get_run(run_id)
+    assert run.data.params["device"] == "auto"
+    np.testing.assert_array_equal(
+        mlflow.pyfunc.load_model(model_uri).predict(images), served.predict(images)
+    )
+    # The ONNX export, checked at the end of the run, scores images as the PyTorch model does.
     assert run.data.tags["onnx.opset"] == "18"
     assert float(run.data.tags["onnx.max_logit_difference"]) < 1e-4
     onnx_file = client.download_artifacts(run_id, "final/model.onnx")

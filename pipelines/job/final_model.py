@@ -148,7 +148,9 @@ def _log_served_model(
             python_model=str(SERVED_MODEL_CODE),
             artifacts={key: str(files[key]) for key in ("weights", "net", "normalization")},
             code_paths=[str(RESNET_CORE)],
-            model_config={"device": None},  # None: CUDA when available; load_model may set it
+            # auto: CUDA when available; load_model may set it. MLflow copies this into the
+            # run's params, where "device: auto" reads as what it is.
+            model_config={"device": "auto"},
             signature=signature,
             input_example=example,
             registered_model_name=config.run.registered_model or f"resnet-ray-{config.model.name}",
