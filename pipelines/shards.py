@@ -340,11 +340,8 @@ def write_shard(
     columns: dict[str, list[Any]] = {name: [] for name in SHARD_SCHEMA.names}
     repaired: dict[str, list[str]] = {}
     skipped: dict[str, list[dict[str, str]]] = {}
+    stats = _PixelStats(mean_size) if spec.with_stats else None
     num_resized = 0
-    channel_sum = np.zeros(3, dtype=np.int64)
-    channel_sumsq = np.zeros(3, dtype=np.int64)
-    num_pixels = 0
-    mean_sum = np.zeros((3, mean_size, mean_size), dtype=np.float64)
     for item in spec.items:
         try:
             data = read_item(item)
@@ -366,18 +363,32 @@ def write_shard(
         if result.repaired is not None:
             repaired.setdefault(result.repaired, []).append(item.key)
         num_resized += result.resized
-        columns["image"].append(result.data)
-        columns["label"].append(item.label)
-        columns["key"].append(item.key)
-        columns["height"].append(result.height)
-        columns["width"].append(result.width)
-        if spec.with_stats:
-            rgb = np.asarray(Image.open(io.BytesIO(result.data)).convert("RGB"))
-            channel_sum += rgb.sum(axis=(0, 1), dtype=np.int64)
-            channel_sumsq += np.square(rgb, dtype=np.int64).sum(axis=(0, 1))
-            num_pixels += rgb.shape[0] * rgb.shape[1]
-            mean_sum += resize_center_crop(rgb, mean_size).transpose(2, 0, 1) / 255.0
+        row = (result.data, item.label, item.key, result.height, result.width)
+        for name, value in zip(SHARD_SCHEMA.names, row, strict=True):
+            columns[name].append(value)
+        if stats is not None:
+            stats.add(result.data)
+    shard_bytes = _parquet_bytes(columns, row_group_rows)
+    storage.write_bytes(fs, storage.join(root, spec.path), shard_bytes)
+    marker: dict[str, Any] = {
+        "fingerprint": spec.fingerprint,
+        "path": spec.path,
+        "num_items": len(spec.items),
+        "num_rows": len(columns["key"]),
+        "bytes": len(shard_bytes),
+        "sha256": hashlib.sha256(shard_bytes).hexdigest(),
+        "repaired": repaired,
+        "skipped": skipped,
+        "resized": num_resized,
+    }
+    if stats is not None:
+        storage.write_bytes(fs, storage.join(root, spec.mean_path), _npy_bytes(stats.mean_image()))
+        marker["pixels"] = stats.marker(spec.mean_path)
+    storage.write_bytes(fs, storage.join(root, spec.marker_path), json.dumps(marker).encode())
+    return marker
 
+
+def _parquet_bytes(columns: dict[str, list[Any]], row_group_rows: int) -> bytes:
     buffer = pa.BufferOutputStream()
     pq.write_table(
         pa.table(columns, schema=SHARD_SCHEMA),
@@ -389,31 +400,37 @@ def write_shard(
         use_dictionary=["label"],
         write_statistics=["label", "key", "height", "width"],
     )
-    shard_bytes = buffer.getvalue().to_pybytes()
-    storage.write_bytes(fs, storage.join(root, spec.path), shard_bytes)
-    num_rows = len(columns["key"])
-    marker: dict[str, Any] = {
-        "fingerprint": spec.fingerprint,
-        "path": spec.path,
-        "num_items": len(spec.items),
-        "num_rows": num_rows,
-        "bytes": len(shard_bytes),
-        "sha256": hashlib.sha256(shard_bytes).hexdigest(),
-        "repaired": repaired,
-        "skipped": skipped,
-        "resized": num_resized,
-    }
-    if spec.with_stats:
-        mean = (mean_sum / max(num_rows, 1)).astype(np.float32)
-        storage.write_bytes(fs, storage.join(root, spec.mean_path), _npy_bytes(mean))
-        marker["pixels"] = {
-            "count": num_pixels,
-            "sum": channel_sum.tolist(),
-            "sumsq": channel_sumsq.tolist(),
-            "mean_image": spec.mean_path,
+    return buffer.getvalue().to_pybytes()
+
+
+class _PixelStats:
+    """A training shard's pixel statistics: exact integer per-channel sums and sums of squares
+    (values 0..255), and the sum of its images resized and centre-cropped to ``mean_size``."""
+
+    def __init__(self, mean_size: int) -> None:
+        self.sum = np.zeros(3, dtype=np.int64)
+        self.sumsq = np.zeros(3, dtype=np.int64)
+        self.count = self.images = 0
+        self.mean_sum = np.zeros((3, mean_size, mean_size), dtype=np.float64)
+
+    def add(self, encoded: bytes) -> None:
+        rgb = np.asarray(Image.open(io.BytesIO(encoded)).convert("RGB"))
+        self.sum += rgb.sum(axis=(0, 1), dtype=np.int64)
+        self.sumsq += np.square(rgb, dtype=np.int64).sum(axis=(0, 1))
+        self.count += rgb.shape[0] * rgb.shape[1]
+        self.images += 1
+        self.mean_sum += resize_center_crop(rgb, self.mean_sum.shape[1]).transpose(2, 0, 1) / 255.0
+
+    def mean_image(self) -> np.ndarray:
+        return (self.mean_sum / max(self.images, 1)).astype(np.float32)
+
+    def marker(self, mean_path: str) -> dict[str, Any]:
+        return {
+            "count": self.count,
+            "sum": self.sum.tolist(),
+            "sumsq": self.sumsq.tolist(),
+            "mean_image": mean_path,
         }
-    storage.write_bytes(fs, storage.join(root, spec.marker_path), json.dumps(marker).encode())
-    return marker
 
 
 def resize_center_crop(rgb: np.ndarray, size: int) -> np.ndarray:
