@@ -336,6 +336,47 @@ def _flat_val_items(
     return items
 
 
+def _imagenet_train(root: Path, train_tar: Path) -> dict[str, list[tuple[str, tuple]]]:
+    """Training images, WNID -> [(key, locator)]: ``root/train/<wnid>/``, else the train tar."""
+    if (root / "train").is_dir():
+        return _scan_class_folders(root / "train", root)
+    if not train_tar.is_file():
+        return {}
+    indexed = _index_train_tar(train_tar)
+    return {w: [(k, ("tar", str(train_tar), o, n)) for k, o, n in m] for w, m in indexed.items()}
+
+
+def _imagenet_val(
+    root: Path, val_dir: Path, val_tar: Path
+) -> tuple[dict[str, list[tuple[str, tuple]]], list[tuple[str, tuple]]]:
+    """Validation images: sorted into WNID folders (WNID -> [(key, locator)]), or flat
+    [(file name, locator)], which need labels; one of the two is empty."""
+    if val_dir.is_dir():
+        entries = list(val_dir.iterdir())
+        flat = [
+            (p.name, ("file", str(p))) for p in entries if p.is_file() and _is_image_name(p.name)
+        ]
+        if not any(p.is_dir() for p in entries):
+            return {}, flat
+        if flat:
+            raise SourceError(
+                f"{val_dir} holds both class folders and loose images (a half-run valprep.sh?): "
+                f"finish sorting it into val/<wnid>/ or restore the flat folder"
+            )
+        # Key = the path in ILSVRC2012_img_val.tar, whichever folder the file was sorted into.
+        return {
+            wnid: [(f"val/{Path(loc[1]).name}", loc) for _, loc in files]
+            for wnid, files in _scan_class_folders(val_dir, root).items()
+        }, []
+    if not val_tar.is_file():
+        return {}, []
+    return {}, [
+        (Path(n).name, ("tar", str(val_tar), o, size))
+        for n, o, size in _index_tar(val_tar)
+        if _is_image_name(n)
+    ]
+
+
 def list_imagenet(src: Path, *, val_labels: Path | None = None) -> SourceListing:
     """List ILSVRC2012 from `src` in any of its distributed layouts, without extracting anything.
 
@@ -362,42 +403,8 @@ def list_imagenet(src: Path, *, val_labels: Path | None = None) -> SourceListing
     root = src / KAGGLE_IMAGE_ROOT if (src / KAGGLE_IMAGE_ROOT).is_dir() else src
     train_tar, val_tar, val_dir = src / IMAGENET_TRAIN_TAR, src / IMAGENET_VAL_TAR, root / "val"
 
-    # Training images: WNID -> (key, locator).
-    train: dict[str, list[tuple[str, tuple]]] = {}
-    if (root / "train").is_dir():
-        train = _scan_class_folders(root / "train", root)
-    elif train_tar.is_file():
-        indexed = _index_train_tar(train_tar)
-        train = {
-            w: [(k, ("tar", str(train_tar), o, n)) for k, o, n in m] for w, m in indexed.items()
-        }
-
-    # Validation images: sorted into WNID folders, or flat (file name, locator) needing labels.
-    val_sorted: dict[str, list[tuple[str, tuple]]] = {}
-    val_flat: list[tuple[str, tuple]] = []
-    if val_dir.is_dir():
-        entries = list(val_dir.iterdir())
-        val_flat = [
-            (p.name, ("file", str(p))) for p in entries if p.is_file() and _is_image_name(p.name)
-        ]
-        if any(p.is_dir() for p in entries):
-            if val_flat:
-                raise SourceError(
-                    f"{val_dir} holds both class folders and loose images (a half-run valprep.sh?): "
-                    f"finish sorting it into val/<wnid>/ or restore the flat folder"
-                )
-            # Key = the path in ILSVRC2012_img_val.tar, whichever folder the file was sorted into.
-            val_sorted = {
-                wnid: [(f"val/{Path(loc[1]).name}", loc) for _, loc in files]
-                for wnid, files in _scan_class_folders(val_dir, root).items()
-            }
-    elif val_tar.is_file():
-        val_flat = [
-            (Path(n).name, ("tar", str(val_tar), o, size))
-            for n, o, size in _index_tar(val_tar)
-            if _is_image_name(n)
-        ]
-
+    train = _imagenet_train(root, train_tar)
+    val_sorted, val_flat = _imagenet_val(root, val_dir, val_tar)
     if not train and not val_flat and not val_sorted:
         raise SourceError(f"{src} holds no ImageNet images: {fix}")
     labels_path = Path(val_labels) if val_labels is not None else _find_val_labels(src)
