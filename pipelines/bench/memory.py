@@ -17,7 +17,7 @@ step is the worst case for memory (nothing slows the producers down). ``--step-m
 simulated step time.
 
 What it found (BENCHMARKS.md): decode tasks of 512 rows of 224 px (77 MB of output each)
-spilled an 80 MiB store, hence tasks of ~16 MB (:func:`pipelines.data.default_task_rows`); and
+spilled an 80 MiB store, hence tasks of ~16 MB (:func:`pipelines.decode.default_task_rows`); and
 Ray's local shuffle buffer holds decoded rows (1,024 rows of 224 px: 147 MiB of object store),
 which spilled a 256 MiB store every epoch and ran 4x slower, and a 256-row one still made the
 worker's RSS swing between epochs; hence the shuffle before decoding and no buffer in the
