@@ -24,6 +24,7 @@ beside c.
 from __future__ import annotations
 
 import argparse
+import gc
 import math
 import statistics
 import time
@@ -611,6 +612,11 @@ def _validate_worker(
             validation = _time_phases(rank, batch, steps=steps, rounds=rounds)
             if rank == 0:
                 results.put(validation)
+        # Tear down in order: both ranks done with the group, and DDP's reducer (held in
+        # reference cycles) freed while the group lives, not at interpreter exit, where a
+        # gloo thread once aborted rank 0 ("terminate called without an active exception").
+        dist.barrier()
+        gc.collect()
     finally:
         dist.destroy_process_group()
 
