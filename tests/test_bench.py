@@ -97,6 +97,30 @@ def test_bench_data_ray_prints_the_overhead_and_where_the_cpu_goes(tmp_path):
     assert "torchvision_classic" not in out  # --only ray: no per-core pipelines
 
 
+def test_cpu_between_keeps_each_process_in_one_part():
+    """The Ray run's CPU split between two snapshots: a worker seen starting (its Python title,
+    0.7 s of start-up) that runs tasks by the end counts only its CPU in the window, in
+    "tasks" (it once made "ray" negative); a task process that ended in the window (reaped by
+    the raylet) counts its CPU in the window in "tasks", not in the raylet's "ray"."""
+    cpu = bench_data.ProcessCpu
+    driver, raylet, starting, ending = os.getpid(), 10, 11, 12
+    before = {
+        driver: cpu(1, "driver", 5.0, 0.0),
+        raylet: cpu(driver, "ray", 2.0, 1.0),
+        starting: cpu(raylet, "ray", 0.7, 0.0),
+        ending: cpu(raylet, "tasks", 3.0, 0.0),
+    }
+    after = {
+        driver: cpu(1, "driver", 5.5, 0.0),
+        raylet: cpu(driver, "ray", 2.25, 1.0 + 3.0 + 0.5),  # reaped: all of `ending`'s CPU
+        starting: cpu(raylet, "tasks", 2.7, 0.0),
+        13: cpu(raylet, "ray", 0.25, 0.0),  # started in the window (an actor)
+    }
+    split = bench_data.cpu_between(before, after)
+    assert split == pytest.approx({"tasks": 2.5, "driver": 0.5, "ray": 0.5})
+    assert bench_data.cpu_between(before, before) == dict.fromkeys(("tasks", "driver", "ray"), 0)
+
+
 def test_bench_data_rejects_a_folder_without_images(tmp_path, capsys):
     assert bench.main(["data", "--images", str(tmp_path), "--seconds", "1"]) == 2
     assert f"no images under {tmp_path}" in capsys.readouterr().err

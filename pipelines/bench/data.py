@@ -33,6 +33,7 @@ from collections import Counter
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import NamedTuple
 
 import numpy as np
 import torch
@@ -173,16 +174,26 @@ def measure_per_core(
     return {name: images[name] / cpu_seconds[name] for name in pipelines}
 
 
-def process_tree_cpu() -> dict[str, float] | None:
-    """CPU seconds (user + system, reaped children included) used so far by this process
-    ("driver") and its descendants: the worker processes of a local Ray started by this process
-    that run tasks ("tasks"), and the rest of that Ray ("ray": GCS, raylet, agents, Ray Data's
-    actors). None without Linux's /proc."""
+class ProcessCpu(NamedTuple):
+    """One process of a :func:`process_tree_cpu` snapshot: its parent, the part it counts in,
+    its own CPU seconds and those of its children it has reaped."""
+
+    parent: int
+    part: str
+    own: float
+    reaped: float
+
+
+def process_tree_cpu() -> dict[int, ProcessCpu] | None:
+    """This process ("driver") and its descendants by pid: the worker processes of a local Ray
+    started by this process that run tasks ("tasks"), and the rest of that Ray ("ray": GCS,
+    raylet, agents, Ray Data's actors), with their CPU seconds so far (user + system). None
+    without Linux's /proc. :func:`cpu_between` turns two snapshots into CPU by part."""
     proc = Path("/proc")
     if not (proc / "self" / "stat").exists():
         return None
     ticks = os.sysconf("SC_CLK_TCK")
-    parents, seconds, titles = {}, {}, {}
+    parents, cpu, titles = {}, {}, {}
     for entry in proc.iterdir():
         if not entry.name.isdigit():
             continue
@@ -194,17 +205,37 @@ def process_tree_cpu() -> dict[str, float] | None:
             continue
         pid = int(entry.name)
         parents[pid], titles[pid] = int(fields[1]), title
-        seconds[pid] = sum(int(v) for v in fields[11:15]) / ticks
+        cpu[pid] = [int(v) / ticks for v in fields[11:15]]
     tree, frontier = set(), {os.getpid()}
     while frontier:
         tree |= frontier
         frontier = {pid for pid, parent in parents.items() if parent in frontier} - tree
-    parts = dict.fromkeys(("tasks", "driver", "ray"), 0.0)
+    snapshot = {}
     for pid in tree:
         part = "driver" if pid == os.getpid() else "ray"
-        if part == "ray" and titles.get(pid, "").startswith(TASK_TITLES):
+        if part == "ray" and titles[pid].startswith(TASK_TITLES):
             part = "tasks"
-        parts[part] += seconds.get(pid, 0.0)
+        utime, stime, cutime, cstime = cpu[pid]
+        snapshot[pid] = ProcessCpu(parents[pid], part, utime + stime, cutime + cstime)
+    return snapshot
+
+
+def cpu_between(before: dict[int, ProcessCpu], after: dict[int, ProcessCpu]) -> dict[str, float]:
+    """CPU seconds used between two :func:`process_tree_cpu` snapshots, by part. A process keeps
+    one part over the window: "tasks" if it was a task process at either end (a Ray worker
+    starts under its Python title and takes ``ray::IDLE`` soon after). One that ended in
+    between went into its parent's reaped CPU, whole: that goes to the part of the parent's
+    ended children when they share one, and their CPU before the window comes off it."""
+    parts = dict.fromkeys(("tasks", "driver", "ray"), 0.0)
+    ended = {pid: p for pid, p in before.items() if pid not in after}
+    for pid, now in after.items():
+        then = before.get(pid, ProcessCpu(now.parent, now.part, 0.0, 0.0))
+        part = "tasks" if "tasks" in (then.part, now.part) else now.part
+        parts[part] += now.own - then.own
+        children = {p.part for p in ended.values() if p.parent == pid}
+        parts[children.pop() if len(children) == 1 else part] += now.reaped - then.reaped
+    for p in ended.values():
+        parts[p.part] -= p.own + p.reaped
     return parts
 
 
@@ -285,7 +316,7 @@ def measure_ray(uri: str, split: str, *, batch_size: int, seconds: float) -> Ray
         images = sum(len(labels) for _, labels in batches)
         after = process_tree_cpu()
         if before is not None and after is not None:
-            cpu.update({part: after[part] - before[part] for part in after})
+            cpu.update(cpu_between(before, after))
         return images
 
     reference = Reference(split_images(manifest, split, REFERENCE_IMAGES))
