@@ -5,9 +5,10 @@ that travels from the job down to them. The design (plans, shuffling, what a tas
 images, device and hybrid decode) is in :mod:`pipelines.data`'s docstring.
 
 No torch here: a decode process loads this module, numpy, pyarrow, Pillow and
-:mod:`resnet_core.cpu_transforms` only, ~3 CPU-s and ~260 MB of private memory less per
+:mod:`resnet_core.cpu_transforms` only, ~2 CPU-s and ~300 MB of private memory less per
 process than with torch (BENCHMARKS.md, "Decode processes without torch"); the device path's
-``device`` is kept as a string for that reason. tests/test_layering.py holds it to that.
+``device`` is kept as a string for that reason. tests/test_data.py holds it to that (a
+pickled task runs in a fresh process without torch).
 """
 
 from __future__ import annotations

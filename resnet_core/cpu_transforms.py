@@ -5,7 +5,7 @@ pixel coordinates, so the JPEG is decoded only as large as the crop needs (DCT-d
 decoding) and resampled once. The device side (normalisation, the batched device decode,
 10-crop) is :mod:`resnet_core.transforms`.
 
-numpy, Pillow and libjpeg-turbo only: a decode process never imports torch (~3 CPU-s and ~260
+numpy, Pillow and libjpeg-turbo only: a decode process never imports torch (~2 CPU-s and ~300
 MB of private memory per process), unless an augment policy (:class:`ImageAugment`, torchvision
 v2) is on.
 

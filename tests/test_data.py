@@ -426,7 +426,7 @@ def test_a_decode_task_yields_its_map_batches_crops_as_one_block(tmp_path):
 def test_a_decode_task_runs_in_a_process_that_never_loads_torch(tmp_path):
     """What Ray ships to a decode task (the function and its options, pickled by reference) loads
     and runs in a fresh process without torch: the CPU path, device decode's crop planning and
-    hybrid decode. Torch costs a decode process ~3 CPU-s to import and ~260 MB of its own
+    hybrid decode. Torch costs a decode process ~2 CPU-s to import and ~300 MB of its own
     memory; only an augment policy (torchvision v2) loads it."""
     import ray.cloudpickle
 
