@@ -122,9 +122,9 @@ from pipelines.decode import (
     TRAIN_MODES,
     DecodeOptions,
     ShardUnreadable,
-    _aligned_pieces,
-    _decode_chunks,
-    _read_rows,
+    _decode_chunks,  # private by name: it names the Ray task ("MapBatches(_decode_chunks)")
+    aligned_pieces,
+    read_rows,
     unreadable_shard,
 )
 from pipelines.manifest import Manifest
@@ -475,8 +475,8 @@ def read_plan_rows(plan: EpochPlan, chunk_rows: int) -> Iterator[pa.Table]:
     if chunk_rows < 1:
         raise ValueError(f"chunk_rows {chunk_rows} must be >= 1")
     for r in plan.ranges:
-        for lo, hi in _aligned_pieces(r.start, r.stop, chunk_rows):
-            yield _read_rows(r.uri, lo, hi)
+        for lo, hi in aligned_pieces(r.start, r.stop, chunk_rows):
+            yield read_rows(r.uri, lo, hi)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -501,7 +501,7 @@ def _chunks(plan: EpochPlan, task_rows: int) -> list[dict[str, Any]]:
     for r in plan.ranges:
         items += [
             {"uri": r.uri, "start": lo, "stop": hi, "base": r.base, "copy": r.copy}
-            for lo, hi in _aligned_pieces(r.start, r.stop, task_rows, offset)
+            for lo, hi in aligned_pieces(r.start, r.stop, task_rows, offset)
         ]
     if plan.train:
         order = np.random.default_rng([plan.seed, plan.epoch, plan.rank]).permutation(len(items))

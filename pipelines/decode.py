@@ -253,7 +253,7 @@ def unreadable_shard(error: BaseException | None) -> ShardUnreadable | None:
     return None
 
 
-def _read_rows(uri: str, start: int, stop: int) -> pa.Table:
+def read_rows(uri: str, start: int, stop: int) -> pa.Table:
     """Rows ``[start, stop)`` of a shard (image, label, key), reading only the row groups needed.
     ShardUnreadable when the shard is gone, does not parse or holds too few rows; other storage
     errors (a network error, say) propagate as they are: a restart may get past them."""
@@ -443,7 +443,7 @@ def _decode_chunk(
         int(chunk["stop"]),
         int(chunk["copy"]),
     )
-    table = _read_rows(uri, start, stop)
+    table = read_rows(uri, start, stop)
     order = np.arange(stop - start)
     if options.train:  # a fresh order of the chunk's rows every epoch ("Shuffling" above)
         order = _task_order(uri, start, stop, seed=seed, epoch=epoch, copy=copy)
@@ -459,7 +459,7 @@ def _decode_chunk(
     # Map batches: fixed slices of the (permuted) chunk, map_batch_rows each and cut at the
     # multiples of map_batch_rows from the shard start, so their random draws depend on the
     # plan, not on which node decodes them or which chunks share a task.
-    for lo, hi in _aligned_pieces(start, stop, options.map_batch_rows):
+    for lo, hi in aligned_pieces(start, stop, options.map_batch_rows):
         part = slice(lo - start, hi - start)
         batch_keys = keys[part].tolist()
         key = [seed, epoch, zlib.crc32("\0".join(batch_keys).encode())] + ([copy] if copy else [])
@@ -543,7 +543,7 @@ def _task_order(
     return np.random.default_rng(key).permutation(stop - start)
 
 
-def _aligned_pieces(start: int, stop: int, step: int, offset: int = 0) -> list[tuple[int, int]]:
+def aligned_pieces(start: int, stop: int, step: int, offset: int = 0) -> list[tuple[int, int]]:
     """``[start, stop)`` cut at ``offset`` plus the multiples of ``step``."""
     first = ((start - offset) // step + 1) * step + offset
     return list(pairwise([start, *range(first, stop, step), stop]))

@@ -196,7 +196,7 @@ def test_rows_come_shuffled_within_tasks_with_their_labels(manifest):
     tasks = [
         frozenset(_shard_keys(r.uri)[lo:hi])
         for r in plan.ranges
-        for lo, hi in decode._aligned_pieces(r.start, r.stop, 8, data.task_offset(plan, 8))
+        for lo, hi in decode.aligned_pieces(r.start, r.stop, 8, data.task_offset(plan, 8))
     ]
     batches = _epoch(manifest, world_size=2, rank=1, epoch=2)
     keys = _keys(batches)
@@ -278,7 +278,7 @@ def test_a_range_reads_exactly_its_rows_across_row_groups(tmp_path):
     uri = write_shard(tmp_path / "s.parquet", images, row_group_size=40)
     whole = pq.read_table(uri)
     for start, stop in ((0, 50), (3, 37), (17, 33), (38, 45), (16, 32), (49, 50)):
-        table = decode._read_rows(uri, start, stop)
+        table = decode.read_rows(uri, start, stop)
         for column in ("image", "label", "key"):
             assert table.column(column).to_pylist() == whole.column(column).to_pylist()[start:stop]
 

@@ -28,7 +28,7 @@ import gc
 import math
 import statistics
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from functools import cache, partial
 from multiprocessing.queues import SimpleQueue
@@ -411,38 +411,16 @@ def print_gradient_table(
 def run_scaling(args: argparse.Namespace) -> dict[int, Prediction]:
     """Print the gradient table, the inputs, the predictions and the anchors; return the
     predictions by GPU count (1, 8 and 256 always included, for efficiency and the anchors)."""
-    link = Interconnect(
-        gpus_per_node=args.gpus_per_node,
-        nvlink_bytes_per_s=args.nvlink_gbytes * 1e9,
-        nvlink_latency_s=args.nvlink_latency_us * 1e-6,
-        network_bytes_per_s=args.network_gbits * 1e9 / 8,
-        network_latency_s=args.network_latency_us * 1e-6,
-        hierarchical=args.topology == "hierarchical",
-    )
+    link = _interconnect(args)
     print("resnet-bench scaling: analytic model of data-parallel training (not a measurement)")
     print_gradient_table(
         [model_cost(name) for name in SUMMARY_MODELS], args.grad_dtype, max(args.gpus), link
     )
 
     cost = model_cost(args.model, stride_in_3x3=args.stride_in_3x3)
-    if args.gpu_images_per_s is None:
-        anchor = model_cost("resnet50", stride_in_3x3=True)
-        gpu_rate = ANCHOR_IMAGES_PER_S * anchor.macs / cost.macs
-        rate_source = (
-            f"NVIDIA's {ANCHOR_IMAGES_PER_S:,.0f} img/s for ResNet-50 v1.5, AMP, 1 A100 80GB, "
-            f"batch {ANCHOR_BATCH}, x {anchor.macs / 1e9:.2f}/{cost.macs / 1e9:.2f} GMACs"
-        )
-    else:
-        gpu_rate, rate_source = args.gpu_images_per_s, "--gpu-images-per-s"
+    gpu_rate, rate_source = _compute_rate(args, cost)
+    overlap, overlap_source = _overlap(args, cost)
     grad_bytes = cost.params * GRAD_BYTES[args.grad_dtype]
-    if args.overlap is None:
-        overlap = cost.overlappable()
-        overlap_source = (
-            f"all DDP buckets but the last, {cost.buckets[-1] / 2**20:.1f} of "
-            f"{sum(cost.buckets) / 2**20:.1f} MiB"
-        )
-    else:
-        overlap, overlap_source = args.overlap, "--overlap"
     decode_per_gpu = args.vcpus_per_gpu * args.decode_per_vcpu
     image_bytes = args.image_kb * 1e3
     node_gpus = min(max(args.gpus), args.gpus_per_node)
@@ -483,6 +461,50 @@ def run_scaling(args: argparse.Namespace) -> dict[int, Prediction]:
         )
 
     predictions = {gpus: at(gpus, overlap) for gpus in sorted({*args.gpus, 1, 8, 256})}
+    _print_predictions(args, predictions, at)
+    return predictions
+
+
+def _interconnect(args: argparse.Namespace) -> Interconnect:
+    return Interconnect(
+        gpus_per_node=args.gpus_per_node,
+        nvlink_bytes_per_s=args.nvlink_gbytes * 1e9,
+        nvlink_latency_s=args.nvlink_latency_us * 1e-6,
+        network_bytes_per_s=args.network_gbits * 1e9 / 8,
+        network_latency_s=args.network_latency_us * 1e-6,
+        hierarchical=args.topology == "hierarchical",
+    )
+
+
+def _compute_rate(args: argparse.Namespace, cost: ModelCost) -> tuple[float, str]:
+    """Images/s per GPU and where the figure comes from: --gpu-images-per-s, else NVIDIA's
+    ResNet-50 v1.5 anchor scaled by the model's MACs."""
+    if args.gpu_images_per_s is not None:
+        return args.gpu_images_per_s, "--gpu-images-per-s"
+    anchor = model_cost("resnet50", stride_in_3x3=True)
+    return ANCHOR_IMAGES_PER_S * anchor.macs / cost.macs, (
+        f"NVIDIA's {ANCHOR_IMAGES_PER_S:,.0f} img/s for ResNet-50 v1.5, AMP, 1 A100 80GB, "
+        f"batch {ANCHOR_BATCH}, x {anchor.macs / 1e9:.2f}/{cost.macs / 1e9:.2f} GMACs"
+    )
+
+
+def _overlap(args: argparse.Namespace, cost: ModelCost) -> tuple[float, str]:
+    """The share of the all-reduce that may run during backward, and where it comes from."""
+    if args.overlap is not None:
+        return args.overlap, "--overlap"
+    return cost.overlappable(), (
+        f"all DDP buckets but the last, {cost.buckets[-1] / 2**20:.1f} of "
+        f"{sum(cost.buckets) / 2**20:.1f} MiB"
+    )
+
+
+def _print_predictions(
+    args: argparse.Namespace,
+    predictions: dict[int, Prediction],
+    at: Callable[[int, float], Prediction],
+) -> None:
+    """The table of predictions for --gpus (``at``: the prediction at a GPU count and
+    overlap), then the anchors beside this model."""
     single = predictions[1].per_gpu
     print(
         f"\n  {'GPUs':>5} {'nodes':>5} {'compute ms':>10} {'comm ms':>8} {'exposed ms':>10} "
@@ -511,7 +533,6 @@ def run_scaling(args: argparse.Namespace) -> dict[int, Prediction]:
         f"{predictions[8].per_gpu / single:.1%} at 8"
     )
     print(ratio_line("model_8_to_256", "goyal_2017", model_8_to_256 / GOYAL_EFFICIENCY_8_TO_256))
-    return predictions
 
 
 # ---------------------------------------------------------------------------------------------
